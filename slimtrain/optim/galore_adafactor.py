@@ -1,0 +1,160 @@
+"""GaLore Adafactor: Adafactor's factored second moment on low-rank projected gradients.
+
+Shazeer & Stern, "Adafactor: Adaptive Learning Rates with Sublinear Memory Cost", ICML 2018;
+combined with the gradient projection of Zhao et al., "GaLore", ICML 2024.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from . import projector as proj
+from .galore_base import GaLoreOptimizerBase
+
+
+def _rms(t: Tensor) -> Tensor:
+    return t.norm(2) / (t.numel() ** 0.5)
+
+
+def adafactor_lr(lr, step: float, rms: float, *, eps2: float, relative_step: bool, warmup_init: bool, scale_parameter: bool) -> float:
+    """Adafactor's effective step size (relative step and parameter scaling, as in the paper)."""
+    rel_step = lr
+    if relative_step:
+        min_step = 1e-6 * step if warmup_init else 1e-2
+        rel_step = min(min_step, 1.0 / math.sqrt(step))
+    param_scale = max(eps2, rms) if scale_parameter else 1.0
+    return param_scale * rel_step
+
+
+def galore_adafactor(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor | None],
+    exp_avg_sq_rows: list[Tensor | None],
+    exp_avg_sq_cols: list[Tensor | None],
+    exp_avg_sqs: list[Tensor | None],
+    state_steps: list[Tensor],
+    proj_lefts: list[Tensor | None],
+    proj_rights: list[Tensor | None],
+    *,
+    lr: float | None,
+    eps: tuple[float, float],
+    clip_threshold: float,
+    decay_rate: float,
+    beta1: float | None,
+    weight_decay: float,
+    scale_parameter: bool,
+    relative_step: bool,
+    warmup_init: bool,
+    scale: float,
+) -> None:
+    """Functional GaLore-Adafactor step on optimizer-space gradients (projected for GaLore
+    tensors). A tensor is factored (row + column second moments) when its gradient is >= 2-D:
+    ``exp_avg_sq_rows/cols`` are then set and ``exp_avg_sqs`` is ``None``, and vice versa.
+    """
+    for i, param in enumerate(params):
+        grad, step_t = grads[i], state_steps[i]
+        step_t += 1
+        step = float(step_t)
+        p32 = param.float() if param.dtype in (torch.float16, torch.bfloat16) else param
+        step_lr = adafactor_lr(
+            lr, step, float(_rms(p32)), eps2=eps[1], relative_step=relative_step,
+            warmup_init=warmup_init, scale_parameter=scale_parameter,
+        )
+        beta2t = 1.0 - math.pow(step, decay_rate)
+        update = grad**2 + eps[0]
+        if exp_avg_sqs[i] is None:
+            row, col = exp_avg_sq_rows[i], exp_avg_sq_cols[i]
+            row.mul_(beta2t).add_(update.mean(dim=-1), alpha=1.0 - beta2t)
+            col.mul_(beta2t).add_(update.mean(dim=-2), alpha=1.0 - beta2t)
+            r_factor = (row / row.mean(dim=-1, keepdim=True)).rsqrt_().unsqueeze(-1)
+            c_factor = col.unsqueeze(-2).rsqrt()
+            update = torch.mul(r_factor, c_factor).mul_(grad)
+        else:
+            exp_avg_sqs[i].mul_(beta2t).add_(update, alpha=1.0 - beta2t)
+            update = exp_avg_sqs[i].rsqrt().mul_(grad)
+        update.div_((_rms(update) / clip_threshold).clamp_(min=1.0))
+        update.mul_(step_lr)
+        if beta1 is not None:
+            exp_avgs[i].mul_(beta1).add_(update, alpha=1.0 - beta1)
+            update = exp_avgs[i]
+        if proj_lefts[i] is not None or proj_rights[i] is not None:
+            update = proj.project_back(update, proj_lefts[i], proj_rights[i], scale).view_as(param)
+        if weight_decay != 0:
+            p32.add_(p32, alpha=-weight_decay * step_lr)
+        p32.add_(-update)
+        if p32 is not param:
+            param.copy_(p32)
+
+
+class GaLoreAdafactor(GaLoreOptimizerBase):
+    """Adafactor with GaLore projection for matrices in a ``rank`` group.
+
+    Algorithm: Shazeer & Stern, *Adafactor* (ICML 2018) — relative step size, parameter-scale
+    learning rate, update clipping, factored second moment — applied to the projected gradient
+    as in Zhao et al., *GaLore* (ICML 2024).
+
+    Memory per (m, n) GaLore matrix with m >= n projected to (m, r): the factored second moment
+    is ``m + r`` floats, plus ``m r`` if ``beta1`` is set, plus the ``r n`` projector. Other
+    matrices cost ``m + n`` floats (factored), vectors one float per parameter.
+
+    Drop-in for ``galore_torch.GaLoreAdafactor`` (same arguments, defaults and group keys);
+    slimtrain's group keys and ``layerwise`` mode are those of :class:`GaLoreAdamW`.
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float | None = None,
+        eps: tuple[float, float] = (1e-30, 1e-3),
+        clip_threshold: float = 1.0,
+        decay_rate: float = -0.8,
+        beta1: float | None = None,
+        weight_decay: float = 0.0,
+        scale_parameter: bool = True,
+        relative_step: bool = True,
+        warmup_init: bool = False,
+        *,
+        layerwise: bool = False,
+        accumulation_steps: int = 1,
+    ):
+        if lr is not None and relative_step:
+            raise ValueError(f"lr={lr!r} cannot be combined with relative_step=True; set relative_step=False to use it")
+        if lr is None and not relative_step:
+            raise ValueError("relative_step=False needs an explicit lr (e.g. lr=1e-3)")
+        if warmup_init and not relative_step:
+            raise ValueError("warmup_init=True requires relative_step=True")
+        if beta1 is not None and not 0.0 <= beta1 < 1.0:
+            raise ValueError(f"beta1={beta1!r} must be None or lie in [0, 1)")
+        defaults = dict(
+            lr=lr, eps=eps, clip_threshold=clip_threshold, decay_rate=decay_rate, beta1=beta1,
+            weight_decay=weight_decay, scale_parameter=scale_parameter, relative_step=relative_step,
+            warmup_init=warmup_init,
+        )
+        super().__init__(params, defaults, layerwise=layerwise, accumulation_steps=accumulation_steps)
+
+    def _update(self, p: Tensor, low_grad: Tensor, state: dict, group: dict) -> None:
+        grad = low_grad.float() if low_grad.dtype in (torch.float16, torch.bfloat16) else low_grad
+        factored = grad.dim() >= 2
+        if "exp_avg_sq_row" not in state and "exp_avg_sq" not in state:
+            if group["beta1"] is not None:
+                state["exp_avg"] = torch.zeros_like(grad)
+            if factored:
+                state["exp_avg_sq_row"] = grad.new_zeros(grad.shape[:-1])
+                state["exp_avg_sq_col"] = grad.new_zeros(grad.shape[:-2] + grad.shape[-1:])
+            else:
+                state["exp_avg_sq"] = torch.zeros_like(grad)
+        state.setdefault("step", torch.tensor(0.0))
+        galore = "rank" in group
+        galore_adafactor(
+            [p], [grad], [state.get("exp_avg")], [state.get("exp_avg_sq_row")], [state.get("exp_avg_sq_col")],
+            [state.get("exp_avg_sq")], [state["step"]],
+            [state.get("proj_left") if galore else None], [state.get("proj_right") if galore else None],
+            lr=group["lr"], eps=group["eps"], clip_threshold=group["clip_threshold"], decay_rate=group["decay_rate"],
+            beta1=group["beta1"], weight_decay=group["weight_decay"], scale_parameter=group["scale_parameter"],
+            relative_step=group["relative_step"], warmup_init=group["warmup_init"],
+            scale=group["scale"] if galore else 1.0,
+        )

@@ -1,0 +1,147 @@
+"""GaLore AdamW: Adam moments kept in a low-rank gradient subspace.
+
+Zhao et al., "GaLore: Memory-Efficient LLM Training by Gradient Low-Rank Projection", ICML 2024.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from . import projector as proj
+from .galore_base import GaLoreOptimizerBase
+
+
+def galore_adamw(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    proj_lefts: list[Tensor | None],
+    proj_rights: list[Tensor | None],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    correct_bias: bool,
+    scale: float,
+) -> None:
+    """Functional GaLore-AdamW step on gradients that are *already* in optimizer space.
+
+    ``grads[i]`` is the projected gradient when ``proj_lefts[i]`` / ``proj_rights[i]`` is set
+    (GaLore tensors), the full gradient otherwise. Because the moments only ever see the
+    projected gradient, callers may project, all-reduce or accumulate it themselves (the
+    distributed code all-reduces r x n instead of m x n) and then call this.
+
+    Update rule (galore-torch / transformers AdamW, bias correction folded into the step size,
+    decoupled weight decay applied after the update)::
+
+        m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2
+        p -= lr * sqrt(1 - b2^t) / (1 - b1^t) * scale * P^T( m / (sqrt(v) + eps) )
+        p -= lr * wd * p
+    """
+    for i, param in enumerate(params):
+        grad, exp_avg, exp_avg_sq, step_t = grads[i], exp_avgs[i], exp_avg_sqs[i], state_steps[i]
+        left, right = proj_lefts[i], proj_rights[i]
+        step_t += 1
+        step = float(step_t)
+        exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+        denom = exp_avg_sq.sqrt().add_(eps)
+        step_size = lr
+        if correct_bias:
+            step_size = step_size * math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)
+        norm_grad = exp_avg / denom
+        if left is not None or right is not None:
+            norm_grad = proj.project_back(norm_grad, left, right, scale).view_as(param)
+        param.add_(norm_grad.to(param.dtype), alpha=-step_size)
+        if weight_decay > 0.0:
+            param.add_(param, alpha=-lr * weight_decay)
+
+
+class GaLoreAdamW(GaLoreOptimizerBase):
+    """AdamW whose moments for matrices in a ``rank`` group live in a rank-r gradient subspace.
+
+    Algorithm: Zhao et al., *GaLore* (ICML 2024), Alg. 2. Every ``update_proj_gap`` steps the
+    projector is refreshed from the gradient's top-r singular vectors (exact SVD, or a
+    randomized range finder with ``proj_method="randomized"``); in between the gradient of an
+    (m, n) matrix is projected to (m, r) or (r, n), Adam runs there, and the update is
+    projected back and scaled by ``scale``.
+
+    Memory per (m, n) GaLore matrix, m >= n: two moments of m*r plus a projector of r*n, i.e.
+    ``(2m + n) r`` floats instead of AdamW's ``2 m n``; other tensors cost AdamW's 2 floats per
+    parameter. Moments and projectors are fp32 (also for bf16/fp16 parameters).
+
+    Drop-in for ``galore_torch.GaLoreAdamW``: same constructor defaults (``eps=1e-6``,
+    ``correct_bias``), same group keys (``rank``, ``update_proj_gap``, ``scale``,
+    ``proj_type`` in std / reverse_std / left / right / full), and groups without ``rank`` are
+    plain AdamW. slimtrain additions, all optional:
+
+    * group keys ``proj_method`` ("svd" | "randomized"), ``oversample``, ``power_iters``,
+      ``proj_seed`` (randomized probes are seeded per tensor and step, not from global RNG),
+      ``max_grad_norm`` (per-tensor clipping of the optimizer-space gradient; see
+      ``docs/galore.md``);
+    * ``layerwise=True``: each tensor is updated in its post-accumulate-grad hook, so at most
+      one full gradient is alive; ``accumulation_steps=k`` accumulates the *projected*
+      gradient between micro-batches. ``step()`` then only flushes stragglers.
+
+    Robustness: a rank above the projected dimension is clamped with a warning; conv weights
+    are projected as (out, in*kh*kw); a failed or non-finite SVD keeps the previous projector;
+    a 1-D tensor in a rank group raises (that is what DeepSpeed ZeRO>=1 hands an optimizer).
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        correct_bias: bool = True,
+        no_deprecation_warning: bool = True,  # accepted for galore-torch compatibility
+        *,
+        layerwise: bool = False,
+        accumulation_steps: int = 1,
+    ):
+        if not 0.0 <= lr:
+            raise ValueError(f"lr={lr!r} must be >= 0")
+        if not 0.0 <= betas[0] < 1.0 or not 0.0 <= betas[1] < 1.0:
+            raise ValueError(f"betas={betas!r} must both lie in [0, 1)")
+        if not 0.0 <= eps:
+            raise ValueError(f"eps={eps!r} must be >= 0")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"weight_decay={weight_decay!r} must be >= 0")
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias)
+        super().__init__(params, defaults, layerwise=layerwise, accumulation_steps=accumulation_steps)
+
+    def _update(self, p: Tensor, low_grad: Tensor, state: dict, group: dict) -> None:
+        if "exp_avg" not in state:
+            # fp32 moments even for bf16/fp16 parameters: they are small (low-rank) and Adam's
+            # second moment underflows in half precision.
+            dtype = torch.float32 if low_grad.dtype in (torch.float16, torch.bfloat16) else low_grad.dtype
+            state["exp_avg"] = torch.zeros_like(low_grad, dtype=dtype, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(low_grad, dtype=dtype, memory_format=torch.preserve_format)
+        state.setdefault("step", torch.tensor(0.0))
+        beta1, beta2 = group["betas"]
+        galore = "rank" in group
+        galore_adamw(
+            [p],
+            [low_grad.to(state["exp_avg"].dtype)],
+            [state["exp_avg"]],
+            [state["exp_avg_sq"]],
+            [state["step"]],
+            [state.get("proj_left") if galore else None],
+            [state.get("proj_right") if galore else None],
+            lr=group["lr"],
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            correct_bias=group["correct_bias"],
+            scale=group["scale"] if galore else 1.0,
+        )

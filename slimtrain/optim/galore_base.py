@@ -1,0 +1,279 @@
+"""What every GaLore-family optimizer shares: param-group validation, projector refresh,
+projection, optional per-tensor clipping and the layer-wise (update-in-backward) mode.
+
+A subclass supplies only ``_init_state`` (its moments, shaped like the gradient it sees) and
+``_update`` (one tensor's step, delegating to its functional step). Everything here keeps
+``optimizer.state`` as plain tensors, so ``state_dict()`` survives
+``torch.load(weights_only=True)`` and resumes exactly.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from . import projector as proj
+
+# Keys a GaLore group may carry, with the values galore-torch's projector assumes when a
+# group gives ``rank`` only. ``proj_method`` and friends are slimtrain additions.
+GALORE_GROUP_DEFAULTS: dict[str, Any] = {
+    "update_proj_gap": 200,
+    "scale": 1.0,
+    "proj_type": "std",
+    "proj_method": "svd",
+    "oversample": 8,
+    "power_iters": 2,
+    "proj_seed": 0,
+}
+
+ZERO_HINT = (
+    "DeepSpeed ZeRO stage >= 1 hands the optimizer flat 1-D partitions instead of matrices; "
+    "run with zero_stage=0, or use slimtrain's shape-preserving sharding (slimtrain.parallel), "
+    "and keep biases / norms in a group without `rank`"
+)
+
+
+class GaLoreOptimizerBase(Optimizer):
+    """Base class; see :class:`slimtrain.optim.GaLoreAdamW` for the user-facing contract.
+
+    Subclasses define ``_update(p, low_grad, state, group)``: one tensor's step on the
+    optimizer-space gradient, creating its moments on first use and advancing
+    ``state["step"]`` (a float tensor, as in torch.optim).
+    """
+
+    def __init__(self, params, defaults: dict, *, layerwise: bool = False, accumulation_steps: int = 1):
+        if not isinstance(accumulation_steps, int) or accumulation_steps < 1:
+            raise ValueError(f"accumulation_steps={accumulation_steps!r} must be an integer >= 1")
+        defaults = {"max_grad_norm": None, **defaults}
+        super().__init__(params, defaults)
+        self.layerwise = layerwise
+        self.accumulation_steps = accumulation_steps
+        self._hooks: list = []
+        self._micro: dict[int, int] = {}  # id(param) -> micro-batches seen since its last update
+        if layerwise:
+            self._register_layerwise_hooks()
+
+    # ------------------------------------------------------------------ groups
+    def add_param_group(self, param_group: dict) -> None:
+        if "rank" in param_group:
+            for key, value in GALORE_GROUP_DEFAULTS.items():
+                param_group.setdefault(key, value)
+            self._validate_galore_group(param_group)
+        super().add_param_group(param_group)
+        if "rank" in param_group:
+            index = len(self.param_groups) - 1
+            for i, p in enumerate(self.param_groups[-1]["params"]):
+                if p.dim() < 2:
+                    raise ValueError(
+                        f"GaLore projects matrices, but parameter {i} of param group {index} has shape "
+                        f"{tuple(p.shape)} (1-D). {ZERO_HINT}."
+                    )
+        if getattr(self, "layerwise", False):
+            self._register_layerwise_hooks(self.param_groups[-1]["params"])
+
+    @staticmethod
+    def _validate_galore_group(group: dict) -> None:
+        rank = group["rank"]
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"rank={rank!r} must be a positive integer (e.g. rank=128)")
+        gap = group["update_proj_gap"]
+        if isinstance(gap, bool) or not isinstance(gap, int) or gap < 1:
+            raise ValueError(f"update_proj_gap={gap!r} must be a positive integer (steps between SVDs, e.g. 200)")
+        if group["proj_type"] not in proj.PROJ_TYPES:
+            raise ValueError(f"proj_type={group['proj_type']!r} is not one of {proj.PROJ_TYPES}")
+        if group["proj_method"] not in proj.PROJ_METHODS:
+            raise ValueError(f"proj_method={group['proj_method']!r} is not one of {proj.PROJ_METHODS}")
+        if not isinstance(group["scale"], (int, float)):
+            raise ValueError(f"scale={group['scale']!r} must be a number (GaLore's alpha, e.g. 0.25)")
+
+    # ------------------------------------------------------------------ state dtype policy
+    @staticmethod
+    def _process_value_according_to_param_policy(param, value, param_id, param_groups, key=None):
+        # torch casts loaded state to the parameter's dtype; our moments and projectors are fp32
+        # on purpose for bf16/fp16 parameters, so only the device follows the parameter.
+        return value.to(device=param.device)
+
+    # ------------------------------------------------------------------ per-tensor pieces
+    def _param_index(self, p: Tensor) -> int:
+        index = getattr(self, "_index_cache", None)
+        if index is None or len(index) != sum(len(g["params"]) for g in self.param_groups):
+            index = {id(q): i for i, q in enumerate(q for g in self.param_groups for q in g["params"])}
+            self._index_cache = index
+        return index[id(p)]
+
+    def _check_shape(self, p: Tensor, group: dict) -> None:
+        if p.dim() < 2:
+            raise ValueError(
+                f"GaLore got a 1-D tensor of shape {tuple(p.shape)} in a group with rank={group['rank']}. "
+                f"{ZERO_HINT}."
+            )
+
+    def _needs_refresh(self, state: dict, group: dict) -> bool:
+        return "step" not in state or int(state["step"]) % group["update_proj_gap"] == 0
+
+    def refresh_projector(self, p: Tensor, full_grad: Tensor, group: dict) -> None:
+        """Recompute the projector of ``p`` from its full gradient (keeps the old one on failure)."""
+        state = self.state[p]
+        shape = tuple(proj.as_matrix(p).shape)
+        side = proj.projection_side(shape, group["proj_type"])
+        rank = proj.effective_rank(group["rank"], shape, side)
+        if rank < group["rank"] and "proj_rank_clamped" not in state:
+            proj.warn_rank_clamped(group["rank"], rank, shape)
+            state["proj_rank_clamped"] = torch.tensor(rank)
+        step = int(state["step"]) if "step" in state else 0
+        generator = None
+        if group["proj_method"] == "randomized":
+            generator = torch.Generator(device=full_grad.device)
+            generator.manual_seed(proj.projector_seed(group["proj_seed"], self._param_index(p), step))
+        result = proj.compute_projector(
+            full_grad,
+            rank,
+            side,
+            method=group["proj_method"],
+            oversample=group["oversample"],
+            power_iters=group["power_iters"],
+            generator=generator,
+        )
+        if result is None:
+            if "proj_left" in state or "proj_right" in state:
+                warnings.warn(
+                    f"GaLore projector refresh failed for a {shape} matrix at step {step} "
+                    "(SVD error or non-finite values); keeping the previous projector",
+                    stacklevel=3,
+                )
+                return
+            warnings.warn(
+                f"GaLore projector could not be computed for a {shape} matrix at step {step}; "
+                "starting from a coordinate projector",
+                stacklevel=3,
+            )
+            result = proj.fallback_projector(shape, rank, side, full_grad.device)
+        left, right = result
+        for key, value in (("proj_left", left), ("proj_right", right)):
+            if value is not None:
+                state[key] = value
+        state["proj_refreshes"] = state.get("proj_refreshes", torch.tensor(0)) + 1
+
+    def to_optimizer_space(self, p: Tensor, grad: Tensor, group: dict) -> Tensor:
+        """The gradient the moments see: projected for rank groups (refreshing if due)."""
+        if "rank" not in group:
+            return grad
+        self._check_shape(p, group)
+        state = self.state[p]
+        if self._needs_refresh(state, group) or ("proj_left" not in state and "proj_right" not in state):
+            self.refresh_projector(p, grad, group)
+        return proj.project(grad, state.get("proj_left"), state.get("proj_right"))
+
+    @staticmethod
+    def _clip(grad: Tensor, max_norm: float | None) -> Tensor:
+        # Per-tensor clipping of the gradient the optimizer state sees. A global norm would need
+        # every gradient before any update, which layer-wise mode cannot have; per-tensor clipping
+        # is identical in both modes, so the two trajectories stay equal.
+        if max_norm is None:
+            return grad
+        norm = torch.linalg.vector_norm(grad.float())
+        return grad * (max_norm / (norm + 1e-6)).clamp(max=1.0).to(grad.dtype)
+
+    def _apply(self, p: Tensor, grad: Tensor, group: dict) -> None:
+        """Project (if GaLore), clip, and update one tensor."""
+        low = self.to_optimizer_space(p, grad, group)
+        self._update(p, self._clip(low, group["max_grad_norm"]), self.state[p], group)
+
+    # ------------------------------------------------------------------ step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if self.layerwise:
+            self._flush_layerwise()
+            return loss
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                self._apply(p, p.grad, group)
+        return loss
+
+    # ------------------------------------------------------------------ layer-wise mode
+    def _group_of(self, p: Tensor) -> dict:
+        for group in self.param_groups:
+            if any(q is p for q in group["params"]):
+                return group
+        raise KeyError("parameter is not managed by this optimizer")
+
+    def _register_layerwise_hooks(self, params=None) -> None:
+        params = params if params is not None else [p for g in self.param_groups for p in g["params"]]
+        for p in params:
+            if p.requires_grad:
+                self._hooks.append(p.register_post_accumulate_grad_hook(self._layerwise_hook))
+
+    @torch.no_grad()
+    def _layerwise_hook(self, p: Tensor) -> None:
+        """Runs right after ``p.grad`` was accumulated by backward.
+
+        Between micro-batches a GaLore matrix keeps only its *projected* gradient (the
+        accumulation buffer is low-rank); its full gradient is freed at once. On a projector
+        refresh step the full gradient must survive until the last micro-batch (the SVD needs the
+        whole batch's gradient), so it accumulates in ``p.grad`` as usual: one step in
+        ``update_proj_gap``. Non-GaLore tensors accumulate in ``p.grad``.
+        """
+        group = self._group_of(p)
+        count = self._micro.get(id(p), 0) + 1
+        self._micro[id(p)] = count
+        state = self.state[p]
+        lowrank_accumulate = (
+            "rank" in group
+            and self.accumulation_steps > 1
+            and not self._needs_refresh(state, group)
+            and ("proj_left" in state or "proj_right" in state)
+        )
+        if lowrank_accumulate:
+            self._check_shape(p, group)
+            low = proj.project(p.grad, state.get("proj_left"), state.get("proj_right"))
+            if "grad_acc" in state:
+                state["grad_acc"].add_(low)
+            else:
+                state["grad_acc"] = low
+            p.grad = None
+        if count == self.accumulation_steps:
+            self._layerwise_update(p, group)
+
+    def _layerwise_update(self, p: Tensor, group: dict) -> None:
+        state = self.state[p]
+        self._micro[id(p)] = 0
+        acc = state.pop("grad_acc", None)
+        if acc is not None:
+            if p.grad is not None:  # mixed: an earlier micro-batch was full-rank
+                acc = acc + proj.project(p.grad, state.get("proj_left"), state.get("proj_right"))
+            self._update(p, self._clip(acc, group["max_grad_norm"]), state, group)
+        elif p.grad is not None:
+            self._apply(p, p.grad, group)
+        p.grad = None
+
+    def _flush_layerwise(self) -> None:
+        # Tensors whose hooks fired fewer than accumulation_steps times (unused in some
+        # micro-batch) are updated with what they accumulated, so nothing is silently dropped.
+        for group in self.param_groups:
+            for p in group["params"]:
+                if self._micro.get(id(p), 0) > 0:
+                    self._layerwise_update(p, group)
+
+    def remove_hooks(self) -> None:
+        """Detach the layer-wise hooks (e.g. before handing the model to another optimizer)."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        if self.layerwise:
+            # Gradients are consumed by the hooks; clearing here would drop the accumulation.
+            return
+        super().zero_grad(set_to_none=set_to_none)

@@ -91,11 +91,21 @@ class GaLoreOptimizerBase(Optimizer):
             raise ValueError(f"scale={group['scale']!r} must be a number (GaLore's alpha, e.g. 0.25)")
 
     # ------------------------------------------------------------------ state dtype policy
-    @staticmethod
-    def _process_value_according_to_param_policy(param, value, param_id, param_groups, key=None):
-        # torch casts loaded state to the parameter's dtype; our moments and projectors are fp32
-        # on purpose for bf16/fp16 parameters, so only the device follows the parameter.
-        return value.to(device=param.device)
+    def load_state_dict(self, state_dict: dict) -> None:
+        """As torch's, but state keeps the dtype it was saved with.
+
+        torch casts every floating state tensor to its parameter's dtype on load; our moments and
+        projectors are fp32 on purpose for bf16/fp16 parameters (and quantized states have their
+        own dtypes), so a resume must not round them down.
+        """
+        super().load_state_dict(state_dict)
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for saved_id, p in zip(saved_ids, params):
+            for key, value in state_dict["state"].get(saved_id, {}).items():
+                current = self.state[p].get(key)
+                if isinstance(value, Tensor) and isinstance(current, Tensor) and current.dtype != value.dtype:
+                    self.state[p][key] = value.to(device=current.device, copy=True)
 
     # ------------------------------------------------------------------ per-tensor pieces
     def _param_index(self, p: Tensor) -> int:

@@ -138,7 +138,10 @@ def project_back(low: Tensor, left: Tensor | None, right: Tensor | None, scale: 
 
 def captured_energy(grad: Tensor, left: Tensor | None, right: Tensor | None) -> float:
     """Fraction of ``||G||_F^2`` that survives projection (1.0 = nothing lost)."""
-    g = as_matrix(grad).float()
+    # float64: LLM gradients are so close to low-rank that the lost energy sits near fp32 round-off
+    g = as_matrix(grad).double()
+    left = left.double() if left is not None else None
+    right = right.double() if right is not None else None
     total = float(g.pow(2).sum())
     return float(project(g, left, right).pow(2).sum()) / total if total > 0 else 1.0
 

@@ -205,12 +205,45 @@ class GaLoreOptimizerBase(Optimizer):
             return loss
         for group in self.param_groups:
             for p in group["params"]:
+                state = self.state[p]
+                if "grad_acc" in state:  # projected gradient handed in by set_projected_grad
+                    self._update(p, self._clip(state.pop("grad_acc"), group["max_grad_norm"]), state, group)
+                    continue
                 if p.grad is None:
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
                 self._apply(p, p.grad, group)
         return loss
+
+    # ------------------------------------------------------------------ external gradient sync
+    # Projection is linear, so data-parallel code may project each rank's gradient locally,
+    # all-reduce the small (r, n) result, and hand it back here (slimtrain.parallel does).
+    def galore_params(self):
+        """``(param, group)`` for every tensor in a group with ``rank``."""
+        return [(p, g) for g in self.param_groups if "rank" in g for p in g["params"]]
+
+    def needs_refresh(self, p: Tensor) -> bool:
+        """Whether the next step of ``p`` recomputes its projector (needs the full gradient)."""
+        state = self.state[p]
+        has_projector = "proj_left" in state or "proj_right" in state
+        return not has_projector or self._needs_refresh(state, self._group_of(p))
+
+    def project_grad(self, p: Tensor, grad: Tensor) -> Tensor:
+        """Project ``grad`` with ``p``'s current projector (no refresh)."""
+        state = self.state[p]
+        return proj.project(grad, state.get("proj_left"), state.get("proj_right"))
+
+    def set_projected_grad(self, p: Tensor, low_grad: Tensor) -> None:
+        """Use ``low_grad`` (already projected, e.g. all-reduced across ranks) for ``p``'s next
+        ``step()`` instead of ``p.grad``."""
+        state = self.state[p]
+        if "proj_left" not in state and "proj_right" not in state:
+            raise RuntimeError(
+                "this tensor has no projector yet: call refresh_projector(p, full_grad, group) with the "
+                "full (synchronised) gradient first (needs_refresh(p) says when)"
+            )
+        self.state[p]["grad_acc"] = low_grad
 
     # ------------------------------------------------------------------ layer-wise mode
     def _group_of(self, p: Tensor) -> dict:

@@ -1,0 +1,85 @@
+"""Low-rank gradient synchronisation for GaLore-family optimizers under data parallelism.
+
+GaLore's update depends on the gradient only through its projection ``P^T G``, and projection
+is linear: ``P^T (sum_k G_k) = sum_k P^T G_k``. So instead of all-reducing each (m, n)
+gradient, every rank projects its own gradient with the shared projector and all-reduces the
+(r, n) result, and the optimizer steps on that: the same update for about r/m of the bytes.
+On a projector-refresh step (one in ``update_proj_gap``) the full gradient is all-reduced,
+rank 0 computes the projector and broadcasts it, so every rank holds identical projectors.
+Tensors outside GaLore groups are all-reduced in flat buckets, as DDP does.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..optim.galore_base import GaLoreOptimizerBase
+from .comm import Comm, all_reduce_bucketed
+
+
+class LowRankGradSync:
+    """Call :meth:`sync` after backward and before ``optimizer.step()`` on every rank.
+
+    Gradients are averaged over ranks (the loss of ``N`` ranks x batch ``b`` then matches one
+    process with batch ``N b``). ``comm.bytes`` counts what was sent.
+    """
+
+    def __init__(self, optimizer: GaLoreOptimizerBase, comm: Comm | None = None, bucket_bytes: int = 25 * 2**20):
+        if not isinstance(optimizer, GaLoreOptimizerBase):
+            raise TypeError(
+                f"LowRankGradSync needs a GaLore-family optimizer, got {type(optimizer).__name__}; "
+                "plain optimizers use ordinary all-reduce (torch DDP or DeepSpeed)"
+            )
+        if optimizer.layerwise:
+            raise ValueError("LowRankGradSync steps the optimizer after backward; build it with layerwise=False")
+        self.optimizer = optimizer
+        self.comm = comm or Comm()
+        self.bucket_bytes = bucket_bytes
+
+    @torch.no_grad()
+    def sync(self) -> None:
+        opt, comm, world = self.optimizer, self.comm, self.comm.world_size
+        galore = opt.galore_params()
+        galore_ids = {id(p) for p, _ in galore}
+        full: list[Tensor] = []  # gradients that travel whole
+        refresh: list[tuple[Tensor, dict]] = []
+        low: list[tuple[Tensor, Tensor]] = []
+        for p, group in galore:
+            if p.grad is None:
+                continue
+            if opt.needs_refresh(p):
+                full.append(p.grad)
+                refresh.append((p, group))
+            else:
+                low.append((p, opt.project_grad(p, p.grad)))
+        full += [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None and id(p) not in galore_ids]
+        all_reduce_bucketed(comm, full, self.bucket_bytes)
+        all_reduce_bucketed(comm, [t for _, t in low], self.bucket_bytes)
+        for p, group in refresh:
+            if comm.rank == 0:
+                opt.refresh_projector(p, p.grad, group)
+            else:  # keep the per-tensor bookkeeping identical on every rank
+                state = opt.state[p]
+                state["proj_refreshes"] = state.get("proj_refreshes", torch.tensor(0)) + 1
+            self._broadcast_projector(p, group)
+            low.append((p, opt.project_grad(p, p.grad)))
+        for p, low_grad in low:
+            opt.set_projected_grad(p, low_grad)
+            p.grad = None  # the full gradient is no longer needed
+
+    def _broadcast_projector(self, p: Tensor, group: dict) -> None:
+        from ..optim import projector as proj
+
+        opt = self.optimizer
+        state = opt.state[p]
+        shape = tuple(proj.as_matrix(p).shape)
+        side = proj.projection_side(shape, group["proj_type"])
+        rank = proj.effective_rank(group["rank"], shape, side)
+        m, n = shape
+        if side in ("left", "full"):
+            state.setdefault("proj_left", torch.empty(m, rank, device=p.device))
+            self.comm.broadcast(state["proj_left"], src=0)
+        if side in ("right", "full"):
+            state.setdefault("proj_right", torch.empty(rank, n, device=p.device))
+            self.comm.broadcast(state["proj_right"], src=0)

@@ -4,3 +4,7 @@ from .comm import Comm, all_reduce_bucketed
 from .lowrank_sync import LowRankGradSync
 
 __all__ = ["Comm", "all_reduce_bucketed", "LowRankGradSync"]
+
+from .sharded import ShardedOptimizer, assign_owners, state_cost  # noqa: E402
+
+__all__ += ["ShardedOptimizer", "assign_owners", "state_cost"]

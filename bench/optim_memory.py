@@ -3,8 +3,8 @@
 For each shape and optimizer: build the parameters, give every trainable one a random
 gradient, run steps, and count the bytes of every tensor the optimizer holds (and of the
 weights, which quantized-weight optimizers shrink). Shapes that fit are measured whole; larger
-ones (``--whole`` decides) are measured as the embeddings/head plus ONE decoder layer, and the
-layer's bytes and time are multiplied by the layer count (every decoder layer has identical
+ones (``--whole`` decides) are measured as embeddings/head + one decoder layer, plus one bare
+decoder layer whose bytes and time are multiplied by the remaining layer count (every decoder layer has identical
 shapes, so this extrapolation is exact for bytes and linear for time). AdamW and galore-torch
 are measured in the same run; ratios are against AdamW.
 
@@ -69,12 +69,17 @@ def rows_for(rank: int) -> list[tuple[str, str, dict]]:
 def measure(model, name, kwargs, steps):
     """(state bytes, weight bytes, mean step seconds excluding the first, first-step seconds)."""
     opt = registry.build_optimizer(name, model, **kwargs)
-    params = [p for p in model.parameters() if p.requires_grad]
+    # INT8 weights (qgalore_adamw8bit's QuantLinear) do not require grad: backward leaves their
+    # fp32 gradient in `float_grad`, which is where the optimizer reads it.
+    params = [p for p in model.parameters() if p.requires_grad or p.dtype == torch.int8]
     gen = torch.Generator().manual_seed(0)
     times = []
     for _ in range(steps):
         for p in params:
-            p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype) * 1e-3
+            if p.dtype == torch.int8:
+                p.float_grad = torch.randn(p.shape, generator=gen) * 1e-3
+            else:
+                p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype) * 1e-3
         t0 = time.perf_counter()
         opt.step()
         times.append(time.perf_counter() - t0)
@@ -82,6 +87,8 @@ def measure(model, name, kwargs, steps):
     weights = model_bytes(model)
     for p in params:
         p.grad = None
+        if p.dtype == torch.int8:
+            p.float_grad = None
     del opt
     gc.collect()
     steady = sum(times[1:]) / max(1, len(times) - 1)
@@ -95,20 +102,20 @@ def bench_shape(shape, whole: bool, steps: int):
         if whole:
             model = LlamaParams(shape)
             state, weights, t, t0 = measure(model, name, kwargs, steps)
-        else:  # embeddings/head + one layer, extrapolated
-            head = LlamaParams(shape, layers=0)
-            s_h, w_h, t_h, t0_h = measure(head, name, kwargs, steps)
-            del head
+        else:  # embeddings/head + one layer measured, the other L-1 layers extrapolated
+            first = LlamaParams(shape, layers=1)
+            s_1, w_1, t_1, t0_1 = measure(first, name, kwargs, steps)
+            del first
             layer = LlamaParams(shape, layers=1, with_embeddings=False)
             s_l, w_l, t_l, t0_l = measure(layer, name, kwargs, steps)
             del layer
-            L = shape.layers
-            state, weights, t, t0 = s_h + L * s_l, w_h + L * w_l, t_h + L * t_l, t0_h + L * t0_l
+            extra = shape.layers - 1
+            state, weights, t, t0 = s_1 + extra * s_l, w_1 + extra * w_l, t_1 + extra * t_l, t0_1 + extra * t0_l
         gc.collect()
         results.append((label, state, weights, t, t0))
         print(f"  measured {shape.name} {label}", file=sys.stderr, flush=True)
     base_state, base_weights, base_t = results[0][1], results[0][2], results[0][3]
-    how = "whole model" if whole else f"embeddings/head + 1 layer x {shape.layers}"
+    how = "whole model" if whole else f"measured: embeddings/head + 1 layer, and 1 layer x {shape.layers - 1} more"
     print(f"\n### Llama-{shape.name}: {n_params / 1e6:.1f}M parameters, GaLore rank {shape.galore_rank} ({how})\n")
     print("| optimizer | state MiB | state B/param | weights+state B/param | state vs AdamW | steady step ms | step vs AdamW | refresh step ms |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")

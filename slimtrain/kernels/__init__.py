@@ -1,1 +1,43 @@
-"""slimtrain.kernels"""
+"""slimtrain.kernels: quantized-state kernels, each a Triton kernel with a PyTorch twin.
+
+Operations (see :mod:`.ops`): block-wise dynamic 8-bit quantize / dequantize, the fused
+8-bit AdamW step, stochastic rounding (fp32 -> bf16, fp32 -> int8 with group scales) and
+INT4 pack / unpack. :mod:`.dispatch` picks the backend; :mod:`.cpu_fused` is the fast CPU
+path of the AdamW step (one C++ loop, bit-identical to the twin). Nothing here imports
+slimtrain.optim.
+"""
+
+from .dispatch import BACKENDS, kernel_backend, resolve
+from .maps import dynamic_map, quant_tables
+from .ops import (
+    COMPILE_SECONDS,
+    DEFAULT_BLOCK,
+    adamw8bit_update,
+    dequantize_blockwise,
+    dequantize_int8,
+    n_blocks,
+    pack_int4,
+    quantize_blockwise,
+    quantize_int8_sr,
+    stochastic_round_bf16,
+    unpack_int4,
+)
+
+__all__ = [
+    "BACKENDS",
+    "COMPILE_SECONDS",
+    "DEFAULT_BLOCK",
+    "adamw8bit_update",
+    "dequantize_blockwise",
+    "dequantize_int8",
+    "dynamic_map",
+    "kernel_backend",
+    "n_blocks",
+    "pack_int4",
+    "quant_tables",
+    "quantize_blockwise",
+    "quantize_int8_sr",
+    "resolve",
+    "stochastic_round_bf16",
+    "unpack_int4",
+]

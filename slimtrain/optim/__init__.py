@@ -3,6 +3,11 @@
 from .galore_adamw import GaLoreAdamW, galore_adamw
 from .galore_adafactor import GaLoreAdafactor, galore_adafactor
 from .param_groups import galore_param_groups
+from .lisa import LISA, find_layer_list
+from .mezo import MeZO, SparseMeZO, magnitude_thresholds, noise_like, perturb_, spsa_grad, zo_update_
+from .adamw8bit import AdamW8bit, adamw8bit
+from .galore_adamw8bit import GaLoreAdamW8bit, galore_adamw8bit
+from .qgalore import QGaLoreAdamW8bit, QuantLinear, qgalore_param_groups, quantize_weights
 from . import projector
 
 __all__ = [
@@ -12,4 +17,21 @@ __all__ = [
     "galore_adafactor",
     "galore_param_groups",
     "projector",
+    "LISA",
+    "find_layer_list",
+    "MeZO",
+    "SparseMeZO",
+    "perturb_",
+    "spsa_grad",
+    "zo_update_",
+    "noise_like",
+    "magnitude_thresholds",
+    "AdamW8bit",
+    "adamw8bit",
+    "GaLoreAdamW8bit",
+    "galore_adamw8bit",
+    "QGaLoreAdamW8bit",
+    "QuantLinear",
+    "qgalore_param_groups",
+    "quantize_weights",
 ]

@@ -17,6 +17,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import projector as proj
+from .state_dtypes import restore_state_dtypes
 
 # Keys a GaLore group may carry, with the values galore-torch's projector assumes when a
 # group gives ``rank`` only. ``proj_method`` and friends are slimtrain additions.
@@ -99,13 +100,7 @@ class GaLoreOptimizerBase(Optimizer):
         own dtypes), so a resume must not round them down.
         """
         super().load_state_dict(state_dict)
-        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        params = [p for g in self.param_groups for p in g["params"]]
-        for saved_id, p in zip(saved_ids, params):
-            for key, value in state_dict["state"].get(saved_id, {}).items():
-                current = self.state[p].get(key)
-                if isinstance(value, Tensor) and isinstance(current, Tensor) and current.dtype != value.dtype:
-                    self.state[p][key] = value.to(device=current.device, copy=True)
+        restore_state_dtypes(self, state_dict)
 
     # ------------------------------------------------------------------ per-tensor pieces
     def _param_index(self, p: Tensor) -> int:

@@ -12,9 +12,14 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .adamw8bit import AdamW8bit
 from .galore_adafactor import GaLoreAdafactor
 from .galore_adamw import GaLoreAdamW
+from .galore_adamw8bit import GaLoreAdamW8bit
+from .lisa import LISA
+from .mezo import MeZO, SparseMeZO, zo_param_groups
 from .param_groups import galore_param_groups
+from .qgalore import QGaLoreAdamW8bit, qgalore_param_groups, quantize_weights
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 
@@ -44,10 +49,46 @@ def _plain(cls) -> OptimizerFactory:
     return build
 
 
+def _zeroth_order(cls) -> OptimizerFactory:
+    def build(model: nn.Module, weight_decay: float = 0.0, **kwargs):
+        # the model goes in too: dropout is switched off during the two evaluations
+        return cls(zo_param_groups(model, weight_decay), model=model, **kwargs)
+
+    build.__doc__ = f"{cls.__name__} over all trainable parameters, evaluating with dropout off"
+    return build
+
+
+def _lisa(model: nn.Module, inner: str = "adamw", n_active: int = 2, interval: int = 20, always_active=None,
+          layers=None, seed: int = 0, **inner_kwargs) -> LISA:
+    """LISA over the registry optimizer ``inner``, built (before any freezing) with ``inner_kwargs``."""
+    if inner in ("lisa", "mezo", "sparse_mezo"):
+        raise ValueError(f"inner={inner!r} cannot be wrapped by LISA; use a gradient optimizer such as 'adamw'")
+    optimizer = build_optimizer(inner, model, **inner_kwargs)
+    return LISA(model, n_active=n_active, interval=interval, always_active=always_active, layers=layers, seed=seed,
+                optimizer=optimizer)
+
+
+def _qgalore(model: nn.Module, weight_bits: int = 8, weight_group_size: int = 256, exclude=("lm_head",),
+             **kwargs) -> QGaLoreAdamW8bit:
+    """QGaLoreAdamW8bit: first swaps ``model``'s nn.Linear layers (but ``exclude``) for INT8
+    QuantLinear layers *in place* (quantize_weights), then projects those INT8 weights."""
+    galore, rest = _split_galore(dict(kwargs))
+    if galore.pop("target_modules", "all-linear") != "all-linear":
+        raise ValueError("qgalore_adamw8bit projects every quantized linear layer; choose them with `exclude`")
+    quantize_weights(model, bits=weight_bits, group_size=weight_group_size, exclude=exclude)
+    return QGaLoreAdamW8bit(qgalore_param_groups(model, **galore), **rest)
+
+
 OPTIMIZERS: dict[str, OptimizerFactory] = {
     "adamw": _plain(torch.optim.AdamW),
     "galore_adamw": _galore_factory(GaLoreAdamW),
     "galore_adafactor": _galore_factory(GaLoreAdafactor),
+    "adamw8bit": _plain(AdamW8bit),
+    "galore_adamw8bit": _galore_factory(GaLoreAdamW8bit),
+    "qgalore_adamw8bit": _qgalore,
+    "mezo": _zeroth_order(MeZO),
+    "sparse_mezo": _zeroth_order(SparseMeZO),
+    "lisa": _lisa,
 }
 
 

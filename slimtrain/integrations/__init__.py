@@ -1,0 +1,1 @@
+"""Bridges to other training loops (``slimtrain.integrations.hf`` for ``transformers.Trainer``)."""

@@ -1,0 +1,287 @@
+"""Public kernel operations: each call picks Triton or its PyTorch twin via :mod:`.dispatch`."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import Tensor
+
+from . import reference as ref
+from .dispatch import resolve
+from .maps import code_lut, quant_tables
+
+DEFAULT_BLOCK = 256
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (int(x) - 1).bit_length())
+
+
+def _rows(n_blocks: int, block: int, cuda: bool) -> int:
+    # Elements per program: ~4K on a GPU (enough in flight per SM without spilling registers),
+    # ~32K under the interpreter, whose cost is per program rather than per element.
+    target = 4096 if cuda else 32768
+    return max(1, min(_next_pow2(n_blocks), max(1, target // block)))
+
+
+def _check_block(block: int, backend: str) -> None:
+    if block < 2:
+        raise ValueError(f"block_size={block} must be >= 2")
+    if backend == "triton" and block & (block - 1):
+        raise ValueError(f"block_size={block} must be a power of two for the Triton kernels")
+
+
+def n_blocks(numel: int, block: int = DEFAULT_BLOCK) -> int:
+    return (numel + block - 1) // block
+
+
+# ---------------------------------------------------------------------------- block-wise 8-bit
+def quantize_blockwise(x: Tensor, *, signed: bool = True, block_size: int = DEFAULT_BLOCK,
+                       backend: str | None = None) -> tuple[Tensor, Tensor]:
+    """Block-wise dynamic 8-bit quantization: ``(uint8 codes like x, fp32 absmax per block)``."""
+    be = resolve(x, backend)
+    _check_block(block_size, be)
+    values, mids = quant_tables(signed, x.device)
+    if be != "triton":
+        return ref.quantize_blockwise(x, (values, mids, *code_lut(signed, x.device)), block_size)
+    from . import triton_kernels as tk
+
+    x = x.contiguous()
+    n, nb = x.numel(), n_blocks(x.numel(), block_size)
+    codes = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
+    absmax = torch.empty(nb, dtype=torch.float32, device=x.device)
+    rows = _rows(nb, block_size, x.is_cuda)
+    tk.quantize_blockwise_kernel[(triton_cdiv(nb, rows),)](x, codes, absmax, mids, n, nb, ROWS=rows, BLOCK=block_size)
+    return codes, absmax
+
+
+def dequantize_blockwise(codes: Tensor, absmax: Tensor, *, signed: bool = True, block_size: int = DEFAULT_BLOCK,
+                         backend: str | None = None) -> Tensor:
+    """Inverse of :func:`quantize_blockwise` (fp32, shaped like ``codes``)."""
+    be = resolve(codes, backend)
+    _check_block(block_size, be)
+    values, _ = quant_tables(signed, codes.device)
+    if be != "triton":
+        return ref.dequantize_blockwise(codes, absmax, values, block_size)
+    from . import triton_kernels as tk
+
+    codes = codes.contiguous()
+    n, nb = codes.numel(), n_blocks(codes.numel(), block_size)
+    out = torch.empty(codes.shape, dtype=torch.float32, device=codes.device)
+    rows = _rows(nb, block_size, codes.is_cuda)
+    tk.dequantize_blockwise_kernel[(triton_cdiv(nb, rows),)](codes, absmax, values, out, n, nb, ROWS=rows, BLOCK=block_size)
+    return out
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+# ---------------------------------------------------------------------------- fused AdamW step
+_COMPILED: dict[str, object] = {}
+COMPILE_SECONDS: dict[str, float] = {}  # wall time of the first (compiling) call, per variant
+
+
+def _compiled_step(write_out: bool):
+    key = "out" if write_out else "param"
+    if key not in _COMPILED:
+        # Shapes are marked dynamic per call (only the number of blocks varies), so the block
+        # size stays a compile-time constant and the inner loop vectorises; hyperparameters
+        # arrive as 0-d tensors, so a learning-rate schedule never recompiles.
+        _COMPILED[key] = torch.compile(ref.adamw8bit_step, dynamic=False)
+    return _COMPILED[key]
+
+
+def _compiled_update(param, grad, codes1, absmax1, codes2, absmax2, r1, r2, skipped, out, block, coeffs):
+    # Whole blocks go through the compiled graph as (n_blocks * block,) views whose length is
+    # the one dynamic dimension; a short tail block (if any) takes the eager twin. Blocks are
+    # independent, so the split changes nothing.
+    n = grad.numel()
+    full = (n // block) * block
+    nbf = full // block
+    flat = lambda t: t.reshape(-1)  # noqa: E731 -- contiguous: a view
+    target = param if out is None else out
+    parts = [flat(target), flat(grad), flat(codes1), absmax1, flat(codes2), absmax2]
+    hyper = {k: torch.tensor(v, dtype=torch.float32) for k, v in coeffs.items()}
+    if full:
+        body = [parts[0][:full], parts[1][:full], parts[2][:full], parts[3][:nbf], parts[4][:full], parts[5][:nbf]]
+        for t in body:
+            torch._dynamo.mark_dynamic(t, 0)
+        p_body, o_body = (body[0], None) if out is None else (grad.reshape(-1)[:full], body[0])
+        key = "out" if out is not None else "param"
+        start = time.perf_counter()
+        _compiled_step(out is not None)(p_body, body[1], body[2], body[3], body[4], body[5], r1, r2, skipped,
+                                        o_body, block=block, **hyper)
+        COMPILE_SECONDS.setdefault(key, time.perf_counter() - start)
+    if full < n:
+        tail = [parts[0][full:], parts[1][full:], parts[2][full:], parts[3][nbf:], parts[4][full:], parts[5][nbf:]]
+        p_tail, o_tail = (tail[0], None) if out is None else (grad.reshape(-1)[full:], tail[0])
+        ref.adamw8bit_step(p_tail, tail[1], tail[2], tail[3], tail[4], tail[5], r1, r2, skipped, o_tail,
+                           block=block, **coeffs)
+
+
+def adamw8bit_update(
+    param: Tensor,
+    grad: Tensor,
+    codes1: Tensor,
+    absmax1: Tensor,
+    codes2: Tensor,
+    absmax2: Tensor,
+    skipped: Tensor,
+    *,
+    step_size: float,
+    beta1: float,
+    beta2: float,
+    inv_sqrt_bc2: float,
+    eps: float,
+    decay: float,
+    out: Tensor | None = None,
+    block_size: int = DEFAULT_BLOCK,
+    backend: str | None = None,
+) -> None:
+    """Fused AdamW step on block-wise 8-bit moments (in place on param / codes / absmax).
+
+    For every element with a finite gradient::
+
+        m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2
+        u = step_size * m / (sqrt(v) * inv_sqrt_bc2 + eps)
+        param = param * decay - u          (or out = u when ``out`` is given)
+
+    ``codes1``/``absmax1`` hold m with the signed dynamic map, ``codes2``/``absmax2`` v with
+    the unsigned one. Elements with a non-finite gradient keep param and moments; their count
+    is added to ``skipped`` (an int32 tensor of one element). With torch.optim.AdamW's rule,
+    ``step_size = lr / (1 - b1^t)``, ``inv_sqrt_bc2 = 1 / sqrt(1 - b2^t)``,
+    ``decay = 1 - lr * wd``.
+    """
+    be = resolve(param if out is None else grad, backend)
+    _check_block(block_size, be)
+    dev = grad.device
+    t1, t2 = quant_tables(True, dev), quant_tables(False, dev)
+    r1, r2 = (*t1, *code_lut(True, dev)), (*t2, *code_lut(False, dev))
+    coeffs = dict(step_size=step_size, beta1=beta1, one_minus_beta1=1.0 - beta1, beta2=beta2,
+                  one_minus_beta2=1.0 - beta2, inv_sqrt_bc2=inv_sqrt_bc2, eps=eps, decay=decay)
+    if be == "torch":
+        ref.adamw8bit_step(param, grad, codes1, absmax1, codes2, absmax2, r1, r2, skipped, out,
+                           block=block_size, **coeffs)
+        return
+    if be == "cpp":
+        fp32 = all(t.dtype == torch.float32 and t.is_contiguous() for t in (grad, param if out is None else out))
+        if fp32 and not grad.is_cuda:
+            from . import cpu_fused
+
+            cpu_fused.adamw8bit_step(param, grad, codes1, absmax1, codes2, absmax2, r1, r2, skipped, out,
+                                     block=block_size, **coeffs)
+            return
+        be = "compile"  # half-precision or strided tensors: the compiled twin handles every layout
+    if be == "compile":
+        _compiled_update(param, grad, codes1, absmax1, codes2, absmax2, r1, r2, skipped, out, block_size, coeffs)
+        return
+    from . import triton_kernels as tk
+
+    for name, t in (("grad", grad), ("codes1", codes1), ("codes2", codes2)):
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous for the Triton kernel")
+    n, nb = grad.numel(), n_blocks(grad.numel(), block_size)
+    rows = _rows(nb, block_size, grad.is_cuda)
+    target = param if out is None else out
+    if not target.is_contiguous():
+        raise ValueError("param/out must be contiguous for the Triton kernel")
+    bf16 = out is None and param.dtype == torch.bfloat16
+    tk.adamw8bit_kernel[(triton_cdiv(nb, rows),)](
+        (param.view(torch.int16) if bf16 else param) if out is None else grad, grad, codes1, absmax1, codes2, absmax2,
+        t1[0], t1[1], t2[0], t2[1], skipped, grad if out is None else out,
+        n, nb, *coeffs.values(),
+        WRITE_OUT=out is not None, PARAM_BF16=bf16, ROWS=rows, BLOCK=block_size,
+        num_warps=8 if grad.is_cuda else 4,
+    )
+
+
+# ---------------------------------------------------------------------------- stochastic rounding
+def stochastic_round_bf16(x: Tensor, seed: int, *, backend: str | None = None) -> Tensor:
+    """fp32 -> bf16 with stochastic rounding (unbiased: ``E[out] = x``); ``seed`` picks the draw."""
+    be = resolve(x, backend)
+    seed = int(seed) & 0x7FFFFFFF
+    if be != "triton":
+        return ref.stochastic_round_bf16(x, seed)
+    from . import triton_kernels as tk
+
+    x = x.contiguous().float()
+    out = torch.empty(x.shape, dtype=torch.int16, device=x.device)
+    tile = 4096 if x.is_cuda else 65536
+    tk.stochastic_round_bf16_kernel[(triton_cdiv(x.numel(), tile),)](x, out, x.numel(), seed, BLOCK=tile)
+    return out.view(torch.bfloat16)
+
+
+def quantize_int8_sr(x: Tensor, group_size: int = DEFAULT_BLOCK, seed: int = 0, *,
+                     backend: str | None = None) -> tuple[Tensor, Tensor]:
+    """fp32 -> (int8 codes like ``x``, fp32 scale per group), symmetric, stochastic rounding."""
+    be = resolve(x, backend)
+    _check_block(group_size, be)
+    seed = int(seed) & 0x7FFFFFFF
+    if be != "triton":
+        return ref.quantize_int8_sr(x, group_size, seed)
+    from . import triton_kernels as tk
+
+    x = x.contiguous()
+    n, ng = x.numel(), n_blocks(x.numel(), group_size)
+    codes = torch.empty(x.shape, dtype=torch.int8, device=x.device)
+    scales = torch.empty(ng, dtype=torch.float32, device=x.device)
+    rows = _rows(ng, group_size, x.is_cuda)
+    tk.quantize_int8_sr_kernel[(triton_cdiv(ng, rows),)](x, codes, scales, n, ng, seed, ROWS=rows, GROUP=group_size)
+    return codes, scales
+
+
+def dequantize_int8(codes: Tensor, scales: Tensor, group_size: int = DEFAULT_BLOCK, *,
+                    backend: str | None = None) -> Tensor:
+    be = resolve(codes, backend)
+    _check_block(group_size, be)
+    if be != "triton":
+        return ref.dequantize_int8(codes, scales, group_size)
+    from . import triton_kernels as tk
+
+    codes = codes.contiguous()
+    n, ng = codes.numel(), n_blocks(codes.numel(), group_size)
+    out = torch.empty(codes.shape, dtype=torch.float32, device=codes.device)
+    rows = _rows(ng, group_size, codes.is_cuda)
+    tk.dequantize_int8_kernel[(triton_cdiv(ng, rows),)](codes, scales, out, n, ng, ROWS=rows, GROUP=group_size)
+    return out
+
+
+# ---------------------------------------------------------------------------- INT4
+def pack_int4(x: Tensor, group_size: int = 128, *, backend: str | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """fp32 -> (uint8 bytes with two 4-bit codes each, fp32 scale, fp32 min per group)."""
+    be = resolve(x, backend)
+    _check_block(group_size, be)
+    if group_size % 2:
+        raise ValueError(f"group_size={group_size} must be even to pack two codes per byte")
+    if x.numel() == 0:
+        raise ValueError("cannot pack an empty tensor")
+    if be != "triton":
+        return ref.pack_int4(x, group_size)
+    from . import triton_kernels as tk
+
+    x = x.contiguous()
+    n, ng = x.numel(), n_blocks(x.numel(), group_size)
+    packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=x.device)
+    scales = torch.empty(ng, dtype=torch.float32, device=x.device)
+    mins = torch.empty(ng, dtype=torch.float32, device=x.device)
+    rows = _rows(ng, group_size, x.is_cuda)
+    tk.pack_int4_kernel[(triton_cdiv(ng, rows),)](x, packed, scales, mins, n, ng, ROWS=rows, HALF=group_size // 2)
+    return packed, scales, mins
+
+
+def unpack_int4(packed: Tensor, scales: Tensor, mins: Tensor, numel: int, group_size: int = 128, *,
+                backend: str | None = None) -> Tensor:
+    """Inverse of :func:`pack_int4`: a flat fp32 tensor of ``numel`` elements."""
+    be = resolve(packed, backend)
+    _check_block(group_size, be)
+    if be != "triton":
+        return ref.unpack_int4(packed, scales, mins, numel, group_size)
+    from . import triton_kernels as tk
+
+    ng = n_blocks(numel, group_size)
+    out = torch.empty(numel, dtype=torch.float32, device=packed.device)
+    rows = _rows(ng, group_size, packed.is_cuda)
+    tk.unpack_int4_kernel[(triton_cdiv(ng, rows),)](packed, scales, mins, out, numel, ng, ROWS=rows, HALF=group_size // 2)
+    return out

@@ -1,0 +1,102 @@
+"""The ``slimtrain`` command. Subcommands are an explicit dict from name to (help, add_arguments, run).
+
+The same command line works under every launcher:
+
+    slimtrain train train.steps=100                          # or: python -m slimtrain train ...
+    torchrun --nproc_per_node 2 -m slimtrain train ...
+    deepspeed --num_gpus 2 --module slimtrain train ...      # passes --local_rank=N; accepted here
+
+Launchers describe the process through RANK / WORLD_SIZE / LOCAL_RANK / MASTER_* in the
+environment; the trainer reads those. On a machine without CUDA the backend is gloo and
+``DS_ACCELERATOR=cpu`` is set before DeepSpeed is imported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Callable
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides, e.g. optim.name=galore_adamw optim.args.rank=64 train.steps=200")
+    p.add_argument("--config", "-c", help="YAML config file (docs/configs/ has one per optimizer)")
+    p.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
+                   help="continue from CHECKPOINT, or without a value from the newest one in <output_dir>/checkpoints")
+    # `deepspeed` passes --local_rank=N (older launchers --local-rank); LOCAL_RANK in the environment
+    # says the same, so the value only fills the environment when a launcher left it out.
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--help-config", action="store_true", help="list every config key with its default and meaning")
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from ..trainer.config import ConfigError, describe, load_config
+
+    if args.help_config:
+        print("config keys (set in a YAML file or as key=value):")
+        print("\n".join(describe()))
+        return 0
+    if isinstance(args.resume, str) and "=" in args.resume and not os.path.isdir(args.resume):
+        # `--resume train.steps=9`: argparse took the override for the optional checkpoint path.
+        args.overrides.append(args.resume)
+        args.resume = True
+    if args.local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"slimtrain train: config error: {e}", file=sys.stderr)
+        return 2
+
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from ..trainer.data import DataError
+    from ..trainer.trainer import Trainer, TrainingStopped
+
+    trainer = None
+    try:
+        trainer = Trainer(cfg, resume=args.resume)
+        trainer.train()
+    except (ConfigError, DataError, FileNotFoundError) as e:
+        print(f"slimtrain train: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+    except TrainingStopped as e:
+        print(f"slimtrain train: stopped: {e}", file=sys.stderr)
+        return 3
+    finally:
+        if trainer is not None:
+            trainer.close()
+    return 0
+
+
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
+    "train": ("train a model (config file and/or key=value overrides)", _add_train_args, _run_train),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="slimtrain", description="memory-efficient full-parameter training")
+    sub = parser.add_subparsers(dest="command", metavar="command")
+    for name, (help_text, add_args, _) in COMMANDS.items():
+        add_args(sub.add_parser(name, help=help_text, description=help_text))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # `deepspeed --module slimtrain train` puts --local_rank before the subcommand; move it behind.
+    lead = [a for a in argv[:1] if a.startswith("--local")]
+    if lead and len(argv) > 1 and not argv[1].startswith("-") and "=" not in lead[0]:
+        lead.append(argv[1])
+    argv = argv[len(lead):] if lead else argv
+    parser = build_parser()
+    args = parser.parse_args(argv[:1] + lead + argv[1:] if lead else argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    return COMMANDS[args.command][2](args)

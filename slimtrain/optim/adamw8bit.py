@@ -1,0 +1,216 @@
+"""AdamW with block-wise 8-bit moments.
+
+Dettmers, Lewis, Shleifer & Zettlemoyer, "8-bit Optimizers via Block-wise Quantization",
+ICLR 2022; Loshchilov & Hutter, "Decoupled Weight Decay Regularization", ICLR 2019.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from .state_dtypes import restore_state_dtypes  # noqa: F401  (re-exported)
+from torch.optim.adamw import adamw as _torch_adamw
+
+from .. import kernels
+
+# State keys of an 8-bit tensor (all plain tensors: torch.load(weights_only=True) restores them).
+CODES1, ABSMAX1, CODES2, ABSMAX2, SKIPPED = (
+    "exp_avg_codes", "exp_avg_absmax", "exp_avg_sq_codes", "exp_avg_sq_absmax", "nonfinite_skipped")
+
+
+def init_8bit_moments(state: dict, like: Tensor, block_size: int) -> None:
+    """Zero 8-bit moments for a tensor shaped like ``like`` (codes of 0.0, absmax 0)."""
+    zeros = torch.zeros(like.numel(), dtype=torch.float32, device=like.device)
+    for signed, codes_key, absmax_key in ((True, CODES1, ABSMAX1), (False, CODES2, ABSMAX2)):
+        codes, absmax = kernels.quantize_blockwise(zeros, signed=signed, block_size=block_size, backend="torch")
+        state[codes_key] = codes.view(like.shape)
+        state[absmax_key] = absmax
+    state[SKIPPED] = torch.zeros(1, dtype=torch.int32, device=like.device)
+
+
+def adam8bit_coefficients(lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+                          step: float) -> dict[str, float]:
+    """torch.optim.AdamW's bias-corrected step as the fused kernel's runtime arguments."""
+    return dict(
+        step_size=lr / (1.0 - beta1**step),
+        beta1=beta1,
+        beta2=beta2,
+        inv_sqrt_bc2=1.0 / math.sqrt(1.0 - beta2**step),
+        eps=eps,
+        decay=1.0 - lr * weight_decay,
+    )
+
+
+def adamw8bit(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avg_codes: list[Tensor],
+    exp_avg_absmax: list[Tensor],
+    exp_avg_sq_codes: list[Tensor],
+    exp_avg_sq_absmax: list[Tensor],
+    nonfinite_skipped: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    block_size: int = kernels.DEFAULT_BLOCK,
+    backend: str | None = None,
+) -> None:
+    """Functional AdamW step on block-wise 8-bit moments (torch.optim.AdamW's update rule).
+
+    For each tensor, one fused pass (:func:`slimtrain.kernels.adamw8bit_update`) reads
+    param, grad, codes and absmax and writes param, codes and absmax; the fp32 moments exist
+    only inside the kernel. Gradient elements that are not finite are skipped (param and
+    moments unchanged) and counted in ``nonfinite_skipped[i]``.
+    """
+    for i, param in enumerate(params):
+        step_t = state_steps[i]
+        step_t += 1
+        coeffs = adam8bit_coefficients(lr, beta1, beta2, eps, weight_decay, float(step_t))
+        target = param if param.is_contiguous() else param.contiguous()
+        kernels.adamw8bit_update(
+            target, grads[i].contiguous(), exp_avg_codes[i], exp_avg_absmax[i], exp_avg_sq_codes[i],
+            exp_avg_sq_absmax[i], nonfinite_skipped[i], block_size=block_size, backend=backend, **coeffs,
+        )
+        if target is not param:
+            param.copy_(target)
+
+
+def _adamw32(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1, beta2, eps, weight_decay):
+    # Tensors below min_8bit_size keep fp32 moments and take torch's own AdamW step (fp32
+    # arithmetic also for half-precision parameters, which torch's kernel cannot mix).
+    for i, p in enumerate(params):
+        work = p if p.dtype == torch.float32 else p.float()
+        _torch_adamw([work], [grads[i].to(torch.float32)], [exp_avgs[i]], [exp_avg_sqs[i]], [], [state_steps[i]],
+                     foreach=False, amsgrad=False, beta1=beta1, beta2=beta2, lr=lr, weight_decay=weight_decay,
+                     eps=eps, maximize=False)
+        if work is not p:
+            p.copy_(work)
+
+
+class AdamW8bit(Optimizer):
+    """AdamW whose two moments are stored as block-wise 8-bit dynamic-map codes.
+
+    Algorithm: Dettmers et al., *8-bit Optimizers via Block-wise Quantization* (ICLR 2022):
+    each block of ``block_size`` (256) moment values is stored as uint8 indices into a
+    256-value dynamic map (signed for ``m``, unsigned for ``v``) plus one fp32 absmax. The
+    update is torch.optim.AdamW's (decoupled weight decay, bias-corrected step)::
+
+        m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2
+        p = p (1 - lr wd) - lr/(1-b1^t) * m / (sqrt(v / (1-b2^t)) + eps)
+
+    Memory per parameter: 2 bytes of codes + 8/``block_size`` bytes of absmax (2.03 bytes at
+    256) instead of AdamW's 8. Tensors with fewer than ``min_8bit_size`` elements (biases,
+    norms) keep fp32 moments (8 bytes), as in bitsandbytes.
+
+    Drop-in for ``bitsandbytes.optim.AdamW8bit`` (same defaults: ``lr=1e-3``,
+    ``betas=(0.9, 0.999)``, ``eps=1e-8``, ``weight_decay=1e-2``, ``min_8bit_size=4096``), on
+    CPU and CUDA. ``backend`` picks the kernel implementation (see
+    :mod:`slimtrain.kernels.dispatch`): Triton on CUDA and eager PyTorch on CPU by default;
+    ``backend="compile"`` fuses the CPU step with ``torch.compile`` (the fast CPU path).
+
+    Gradient elements that are inf/NaN are skipped rather than poisoning their block; the
+    running count per tensor is ``optimizer.state[p]["nonfinite_skipped"]`` and the total is
+    :meth:`nonfinite_skipped`.
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        optim_bits: int = 8,
+        args: Any = None,
+        min_8bit_size: int = 4096,
+        percentile_clipping: int = 100,
+        block_wise: bool = True,
+        is_paged: bool = False,
+        *,
+        block_size: int = kernels.DEFAULT_BLOCK,
+        backend: str | None = None,
+    ):
+        if not 0.0 <= lr:
+            raise ValueError(f"lr={lr!r} must be >= 0")
+        if not 0.0 <= betas[0] < 1.0 or not 0.0 <= betas[1] < 1.0:
+            raise ValueError(f"betas={betas!r} must both lie in [0, 1)")
+        if not 0.0 <= eps:
+            raise ValueError(f"eps={eps!r} must be >= 0")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"weight_decay={weight_decay!r} must be >= 0")
+        # bitsandbytes-signature arguments whose other values select features this class does
+        # not implement: refuse them instead of silently ignoring them.
+        unsupported = {"amsgrad": (amsgrad, False), "optim_bits": (optim_bits, 8), "args": (args, None),
+                       "percentile_clipping": (percentile_clipping, 100), "block_wise": (block_wise, True),
+                       "is_paged": (is_paged, False)}
+        for name, (value, default) in unsupported.items():
+            if value != default:
+                raise ValueError(f"{name}={value!r} is not supported by slimtrain's AdamW8bit (only {default!r})")
+        if not isinstance(min_8bit_size, int) or min_8bit_size < 0:
+            raise ValueError(f"min_8bit_size={min_8bit_size!r} must be a non-negative integer")
+        if block_size < 2:
+            raise ValueError(f"block_size={block_size!r} must be >= 2 (default 256)")
+        if backend is not None and backend not in kernels.BACKENDS:
+            raise ValueError(f"backend={backend!r} is not one of {kernels.BACKENDS}")
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, min_8bit_size=min_8bit_size,
+                        block_size=block_size)
+        super().__init__(params, defaults)
+        self.backend = backend
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        # absmax and the 32-bit moments are fp32 on purpose, also for bf16 parameters.
+        restore_state_dtypes(self, state_dict)
+
+    def _init_group(self, group, quant, full):
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError("AdamW8bit does not support sparse gradients")
+            state = self.state[p]
+            if "step" not in state:
+                state["step"] = torch.tensor(0.0)
+                if p.numel() >= group["min_8bit_size"]:
+                    init_8bit_moments(state, p, group["block_size"])
+                else:
+                    state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+            (quant if CODES1 in state else full).append(p)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            quant: list[Tensor] = []
+            full: list[Tensor] = []
+            self._init_group(group, quant, full)
+            beta1, beta2 = group["betas"]
+            hyper = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
+            if quant:
+                st = [self.state[p] for p in quant]
+                adamw8bit(quant, [p.grad for p in quant], [s[CODES1] for s in st], [s[ABSMAX1] for s in st],
+                          [s[CODES2] for s in st], [s[ABSMAX2] for s in st], [s[SKIPPED] for s in st],
+                          [s["step"] for s in st], block_size=group["block_size"], backend=self.backend, **hyper)
+            if full:
+                st = [self.state[p] for p in full]
+                _adamw32(full, [p.grad for p in full], [s["exp_avg"] for s in st], [s["exp_avg_sq"] for s in st],
+                         [s["step"] for s in st], **hyper)
+        return loss
+
+    def nonfinite_skipped(self) -> int:
+        """Gradient elements skipped so far (inf/NaN), summed over all 8-bit tensors."""
+        return int(sum(int(s[SKIPPED]) for s in self.state.values() if SKIPPED in s))

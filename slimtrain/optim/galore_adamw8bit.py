@@ -1,0 +1,163 @@
+"""GaLore AdamW with block-wise 8-bit low-rank moments.
+
+Zhao et al., "GaLore: Memory-Efficient LLM Training by Gradient Low-Rank Projection", ICML 2024
+(the 8-bit variant of its Sec. 4); moments as in Dettmers et al., "8-bit Optimizers via
+Block-wise Quantization", ICLR 2022.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .. import kernels
+from . import projector as proj
+from .adamw8bit import ABSMAX1, ABSMAX2, CODES1, CODES2, SKIPPED, init_8bit_moments
+from .galore_adamw import galore_adamw
+from .galore_base import GaLoreOptimizerBase
+
+
+def galore_adamw8bit(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avg_codes: list[Tensor],
+    exp_avg_absmax: list[Tensor],
+    exp_avg_sq_codes: list[Tensor],
+    exp_avg_sq_absmax: list[Tensor],
+    nonfinite_skipped: list[Tensor],
+    state_steps: list[Tensor],
+    proj_lefts: list[Tensor | None],
+    proj_rights: list[Tensor | None],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    correct_bias: bool,
+    scale: float,
+    block_size: int = kernels.DEFAULT_BLOCK,
+    backend: str | None = None,
+) -> None:
+    """Functional GaLore-AdamW step with 8-bit moments, on gradients already in optimizer space.
+
+    The update rule is :func:`slimtrain.optim.galore_adamw`'s (bias correction folded into the
+    step size, ``eps`` added to ``sqrt(v)``, decoupled decay after the update)::
+
+        m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2
+        p -= lr sqrt(1-b2^t)/(1-b1^t) * scale * P^T( m / (sqrt(v) + eps) );  p -= lr wd p
+
+    written for the fused kernel as ``lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps/sqrt(1-b2^t))``.
+    For projected tensors the kernel writes the low-rank direction (r x n, small), which is
+    projected back; for the others it updates the parameter in place. Gradient elements that
+    are not finite are skipped and counted.
+    """
+    for i, param in enumerate(params):
+        step_t = state_steps[i]
+        step_t += 1
+        step = float(step_t)
+        bc1 = 1.0 - beta1**step if correct_bias else 1.0
+        sqrt_bc2 = math.sqrt(1.0 - beta2**step) if correct_bias else 1.0
+        coeffs = dict(step_size=lr / bc1, beta1=beta1, beta2=beta2, inv_sqrt_bc2=1.0 / sqrt_bc2, eps=eps / sqrt_bc2)
+        grad = grads[i].contiguous()
+        left, right = proj_lefts[i], proj_rights[i]
+        state = (exp_avg_codes[i], exp_avg_absmax[i], exp_avg_sq_codes[i], exp_avg_sq_absmax[i], nonfinite_skipped[i])
+        if left is None and right is None:
+            target = param if param.is_contiguous() else param.contiguous()
+            kernels.adamw8bit_update(target, grad, *state, decay=1.0, block_size=block_size, backend=backend, **coeffs)
+            if target is not param:
+                param.copy_(target)
+        else:
+            direction = torch.empty_like(grad, dtype=torch.float32)
+            kernels.adamw8bit_update(param, grad, *state, decay=1.0, out=direction, block_size=block_size,
+                                     backend=backend, **coeffs)
+            param.sub_(proj.project_back(direction, left, right, scale).view_as(param).to(param.dtype))
+        if weight_decay > 0.0:
+            param.add_(param, alpha=-lr * weight_decay)
+
+
+class GaLoreAdamW8bit(GaLoreOptimizerBase):
+    """GaLore AdamW whose (low-rank) moments are block-wise 8-bit codes.
+
+    Algorithm: GaLore (Zhao et al., ICML 2024) with 8-bit Adam moments (Dettmers et al., ICLR
+    2022): gradients of matrices in a ``rank`` group are projected to rank r (projector
+    refreshed every ``update_proj_gap`` steps from the gradient's SVD), Adam runs there with
+    m and v stored as uint8 dynamic-map codes plus an fp32 absmax per ``block_size`` values,
+    and the update is projected back and scaled by ``scale``. Projection, refresh, clipping and
+    layer-wise mode are :class:`~slimtrain.optim.galore_base.GaLoreOptimizerBase`'s.
+
+    Memory per (m, n) GaLore matrix, m >= n: ``2 m r (1 + 4/block_size)`` bytes of moments plus
+    an fp32 projector of ``4 r n`` bytes, against GaLoreAdamW's ``8 m r + 4 r n``. Tensors
+    with fewer moment elements than ``min_8bit_size`` keep fp32 moments (GaLoreAdamW's step).
+    Non-GaLore tensors take the 8-bit AdamW step (2.03 bytes per parameter when large).
+
+    Drop-in for ``galore_torch.GaLoreAdamW8bit`` (same defaults and group keys) and, unlike
+    it, runs on CPU (the kernels' PyTorch twins) as well as CUDA (Triton).
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        correct_bias: bool = True,
+        min_8bit_size: int = 4096,
+        *,
+        block_size: int = kernels.DEFAULT_BLOCK,
+        backend: str | None = None,
+        layerwise: bool = False,
+        accumulation_steps: int = 1,
+    ):
+        if not 0.0 <= lr:
+            raise ValueError(f"lr={lr!r} must be >= 0")
+        if not 0.0 <= betas[0] < 1.0 or not 0.0 <= betas[1] < 1.0:
+            raise ValueError(f"betas={betas!r} must both lie in [0, 1)")
+        if not 0.0 <= eps:
+            raise ValueError(f"eps={eps!r} must be >= 0")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"weight_decay={weight_decay!r} must be >= 0")
+        if not isinstance(min_8bit_size, int) or min_8bit_size < 0:
+            raise ValueError(f"min_8bit_size={min_8bit_size!r} must be a non-negative integer")
+        if block_size < 2:
+            raise ValueError(f"block_size={block_size!r} must be >= 2 (default 256)")
+        if backend is not None and backend not in kernels.BACKENDS:
+            raise ValueError(f"backend={backend!r} is not one of {kernels.BACKENDS}")
+        self.backend = backend
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias,
+                        min_8bit_size=min_8bit_size, block_size=block_size)
+        super().__init__(params, defaults, layerwise=layerwise, accumulation_steps=accumulation_steps)
+
+    def _projectors(self, state: dict, group: dict) -> tuple[Tensor | None, Tensor | None]:
+        """The fp32 projector(s) of a tensor (``None, None`` outside rank groups)."""
+        if "rank" not in group:
+            return None, None
+        return state.get("proj_left"), state.get("proj_right")
+
+    def _update(self, p: Tensor, low_grad: Tensor, state: dict, group: dict) -> None:
+        if "step" not in state:
+            state["step"] = torch.tensor(0.0)
+        if CODES1 not in state and "exp_avg" not in state:
+            if low_grad.numel() >= group["min_8bit_size"]:
+                init_8bit_moments(state, low_grad, group["block_size"])
+            else:
+                state["exp_avg"] = torch.zeros_like(low_grad, dtype=torch.float32)
+                state["exp_avg_sq"] = torch.zeros_like(low_grad, dtype=torch.float32)
+        left, right = self._projectors(state, group)
+        beta1, beta2 = group["betas"]
+        hyper = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+                     correct_bias=group["correct_bias"], scale=group["scale"] if "rank" in group else 1.0)
+        if CODES1 in state:
+            galore_adamw8bit([p], [low_grad.float()], [state[CODES1]], [state[ABSMAX1]], [state[CODES2]],
+                             [state[ABSMAX2]], [state[SKIPPED]], [state["step"]], [left], [right],
+                             block_size=group["block_size"], backend=self.backend, **hyper)
+        else:
+            galore_adamw([p], [low_grad.float()], [state["exp_avg"]], [state["exp_avg_sq"]], [state["step"]],
+                         [left], [right], **hyper)
+
+    def nonfinite_skipped(self) -> int:
+        """Gradient elements skipped so far (inf/NaN), summed over all 8-bit tensors."""
+        return int(sum(int(s[SKIPPED]) for s in self.state.values() if SKIPPED in s))

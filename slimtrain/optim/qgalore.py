@@ -1,0 +1,331 @@
+"""Q-GaLore: GaLore with INT8 weights, INT4 projectors, 8-bit moments and adaptive refresh.
+
+Zhang et al., "Q-GaLore: Quantized GaLore with INT4 Projection and Layer-Adaptive Low-Rank
+Gradients", 2024 (arXiv:2407.08296); GaLore: Zhao et al., ICML 2024.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import kernels
+from . import projector as proj
+from .galore_adamw8bit import GaLoreAdamW8bit
+
+# Attributes a quantized weight (an int8 nn.Parameter) carries: its group scales (the module's
+# buffer, so they travel in model.state_dict()), its group size, and the fp32 gradient that
+# backward leaves for the optimizer (int8 tensors cannot hold a .grad).
+SCALES_ATTR, GROUP_ATTR, GRAD_ATTR = "quant_scales", "quant_group_size", "float_grad"
+
+
+class _QuantLinearFn(torch.autograd.Function):
+    """y = x W^T + b with W dequantized on the fly; dL/dW goes to ``weight.float_grad``."""
+
+    @staticmethod
+    def forward(ctx, x, codes, scales, bias, group_size):
+        weight = kernels.dequantize_int8(codes, scales, group_size).to(x.dtype)
+        ctx.save_for_backward(x, scales)
+        ctx.codes, ctx.group_size, ctx.has_bias = codes, group_size, bias is not None
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, scales = ctx.saved_tensors
+        codes = ctx.codes
+        weight = kernels.dequantize_int8(codes, scales, ctx.group_size).to(grad_out.dtype)
+        grad_x = grad_out @ weight
+        go = grad_out.reshape(-1, grad_out.shape[-1])  # (tokens, out)
+        grad_w = (go.T @ x.reshape(-1, x.shape[-1])).float()  # (out, in)
+        previous = getattr(codes, GRAD_ATTR, None)
+        setattr(codes, GRAD_ATTR, grad_w if previous is None else previous.add_(grad_w))
+        grad_b = go.sum(0) if ctx.has_bias else None
+        return grad_x, None, None, grad_b, None
+
+
+class QuantLinear(nn.Module):
+    """``nn.Linear`` whose weight is stored as INT8 codes with one fp32 scale per group.
+
+    Memory: 1 byte per weight plus ``4 / group_size`` bytes of scale (1.016 at 256). The
+    forward pass dequantizes the weight (a transient copy in the activation dtype); backward
+    leaves the fp32 weight gradient in ``weight.float_grad`` for :class:`QGaLoreAdamW8bit`.
+    """
+
+    def __init__(self, linear: nn.Linear, group_size: int = 256):
+        super().__init__()
+        self.in_features, self.out_features, self.group_size = linear.in_features, linear.out_features, group_size
+        w = linear.weight.detach().float()
+        groups = kernels.reference._blocks(w, group_size)
+        scales = groups.abs().amax(1) / 127.0
+        safe = torch.where(scales > 0, scales, torch.ones_like(scales))
+        # Round to nearest once at conversion; training updates re-quantize stochastically.
+        codes = torch.round(groups / safe[:, None]).clamp(-127, 127).to(torch.int8).reshape(-1)[: w.numel()]
+        self.weight = nn.Parameter(codes.view(w.shape).to(linear.weight.device), requires_grad=False)
+        self.register_buffer("weight_scales", scales.to(linear.weight.device))
+        self.bias = linear.bias
+        self._tag()
+
+    def _tag(self) -> None:
+        setattr(self.weight, SCALES_ATTR, self.weight_scales)
+        setattr(self.weight, GROUP_ATTR, self.group_size)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._tag()  # load copies into the same tensors; keep the tags even if they were replaced
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _QuantLinearFn.apply(x, self.weight, self.weight_scales, self.bias, self.group_size)
+
+    def dequantized_weight(self) -> Tensor:
+        return kernels.dequantize_int8(self.weight, self.weight_scales, self.group_size)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8, group_size={self.group_size}"
+
+
+def quantize_weights(model: nn.Module, bits: int = 8, group_size: int = 256,
+                     exclude: Iterable[str] = ("lm_head",)) -> list[str]:
+    """Replace every ``nn.Linear`` of ``model`` (in place) by a :class:`QuantLinear`.
+
+    Modules whose name ends with an entry of ``exclude`` (the output head by default, as in
+    Q-GaLore) stay in full precision. Returns the names of the replaced modules.
+    """
+    if bits != 8:
+        raise ValueError(f"bits={bits!r}: only INT8 weight storage is implemented")
+    if group_size < 2 or group_size & (group_size - 1):
+        raise ValueError(f"group_size={group_size!r} must be a power of two >= 2 (e.g. 256)")
+    exclude = tuple(exclude)
+    replaced = []
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            full = f"{name}.{child_name}" if name else child_name
+            if type(child) is nn.Linear and not any(full == e or full.endswith("." + e) for e in exclude):
+                setattr(module, child_name, QuantLinear(child, group_size))
+                replaced.append(full)
+    if not replaced:
+        raise ValueError("quantize_weights found no nn.Linear to quantize")
+    return replaced
+
+
+def qgalore_param_groups(model: nn.Module, rank: int = 128, update_proj_gap: int = 200, scale: float = 0.25,
+                         proj_type: str = "std", **galore_kwargs) -> list[dict]:
+    """``[regular_group, galore_group]``: INT8 weights of :class:`QuantLinear` modules are
+    projected; every other trainable parameter is a plain (8-bit AdamW) tensor."""
+    quant = [m.weight for m in model.modules() if isinstance(m, QuantLinear)]
+    if not quant:
+        raise ValueError("the model has no QuantLinear; call slimtrain.optim.quantize_weights(model) first")
+    ids = {id(p) for p in quant}
+    regular = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
+    galore = dict(params=quant, rank=rank, update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type,
+                  **galore_kwargs)
+    return [dict(params=regular), galore] if regular else [galore]
+
+
+def _grad_of(p: Tensor) -> Tensor | None:
+    return p.grad if p.grad is not None else getattr(p, GRAD_ATTR, None)
+
+
+class QGaLoreAdamW8bit(GaLoreAdamW8bit):
+    """GaLoreAdamW8bit for INT8 weights, with INT4 projectors and adaptive projector refresh.
+
+    Algorithm: Q-GaLore (Zhang et al., 2024). Weights made by :func:`quantize_weights` are
+    INT8 with fp32 group scales; each step dequantizes one weight, applies the GaLore update
+    (8-bit low-rank Adam moments, :class:`GaLoreAdamW8bit`) and re-quantizes it with
+    stochastic rounding (unbiased, so updates smaller than a quantization step still count in
+    expectation; the random stream is seeded by ``proj_seed``, tensor and step, identical on
+    every rank). Projectors are stored as packed INT4 (two codes per byte, asymmetric scales
+    per ``proj_group_size`` values).
+
+    Adaptive refresh: after every SVD the leading singular vector is compared with the
+    previous one as ``|cos|`` (a singular vector's sign is arbitrary); the last ``queue_size``
+    similarities are kept, and when their mean reaches ``cos_threshold`` the tensor's gap
+    doubles (``gap_growth``) up to ``max_proj_gap`` (default 16 x ``update_proj_gap``).
+    :meth:`svd_count` reports the SVDs done.
+
+    Memory per (m, n) quantized matrix, m >= n, rank r: weight ``m n (1 + 4/g)`` bytes,
+    moments ``2 m r (1 + 4/256)``, projector ``r n (1/2 + 8/proj_group_size)``; plus one
+    transient fp32 copy of the weight being updated. Other tensors: AdamW8bit.
+
+    Data parallel: with ``torch.distributed`` initialised, the fp32 gradients of the INT8
+    weights (which DDP does not see: they are not ``requires_grad`` parameters) are averaged
+    across ranks in :meth:`step`; other gradients are left to DDP. Layer-wise mode is not
+    supported (the INT8 weight gradient is not a ``.grad`` that hooks see).
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        correct_bias: bool = True,
+        min_8bit_size: int = 4096,
+        *,
+        cos_threshold: float = 0.4,
+        queue_size: int = 5,
+        gap_growth: int = 2,
+        max_proj_gap: int | None = None,
+        proj_group_size: int = 128,
+        block_size: int = kernels.DEFAULT_BLOCK,
+        backend: str | None = None,
+        allreduce_grads: bool = True,
+    ):
+        if not 0.0 <= cos_threshold <= 1.0:
+            raise ValueError(f"cos_threshold={cos_threshold!r} must lie in [0, 1]")
+        if not isinstance(queue_size, int) or queue_size < 1:
+            raise ValueError(f"queue_size={queue_size!r} must be a positive integer")
+        if not isinstance(gap_growth, int) or gap_growth < 1:
+            raise ValueError(f"gap_growth={gap_growth!r} must be an integer >= 1")
+        if max_proj_gap is not None and (not isinstance(max_proj_gap, int) or max_proj_gap < 1):
+            raise ValueError(f"max_proj_gap={max_proj_gap!r} must be a positive integer or None")
+        if proj_group_size < 2 or proj_group_size & (proj_group_size - 1):
+            raise ValueError(f"proj_group_size={proj_group_size!r} must be a power of two >= 2")
+        self._qgalore = dict(cos_threshold=cos_threshold, queue_size=queue_size, gap_growth=gap_growth,
+                             max_proj_gap=max_proj_gap, proj_group_size=proj_group_size)
+        self.allreduce_grads = allreduce_grads
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias,
+                         min_8bit_size=min_8bit_size, block_size=block_size, backend=backend)
+
+    def add_param_group(self, param_group: dict) -> None:
+        if "rank" in param_group:
+            for key, value in self._qgalore.items():
+                param_group.setdefault(key, value)
+        # INT8 weights are leaves that do not require grad; torch.optim accepts them as params.
+        super().add_param_group(param_group)
+
+    # ------------------------------------------------------------------ INT4 projectors
+    def _projectors(self, state: dict, group: dict) -> tuple[Tensor | None, Tensor | None]:
+        if "rank" not in group:
+            return None, None
+        out = []
+        for key in ("proj_left", "proj_right"):
+            if f"{key}_int4" not in state:
+                out.append(None)
+                continue
+            shape = tuple(int(s) for s in state[f"{key}_shape"])
+            flat = kernels.unpack_int4(state[f"{key}_int4"], state[f"{key}_scales"], state[f"{key}_mins"],
+                                       shape[0] * shape[1], group["proj_group_size"], backend=self._aux_backend())
+            out.append(flat.view(shape))
+        return out[0], out[1]
+
+    def _aux_backend(self) -> str | None:
+        # INT4 / INT8 kernels follow the optimizer's backend; "compile" and "cpp" exist only for
+        # the Adam step, so those take the default.
+        return None if self.backend in ("compile", "cpp") else self.backend
+
+    def _needs_refresh(self, state: dict, group: dict) -> bool:
+        return "step" not in state or int(state["step"]) >= int(state["next_refresh"])
+
+    def to_optimizer_space(self, p: Tensor, grad: Tensor, group: dict) -> Tensor:
+        if "rank" not in group:
+            return grad
+        self._check_shape(p, group)
+        state = self.state[p]
+        if "next_refresh" not in state or self._needs_refresh(state, group):
+            self.refresh_projector(p, grad, group)
+        left, right = self._projectors(state, group)
+        return proj.project(grad, left, right)
+
+    def refresh_projector(self, p: Tensor, full_grad: Tensor, group: dict) -> None:
+        state = self.state[p]
+        previous = self._projectors(state, group)
+        for key, value in zip(("proj_left", "proj_right"), previous):
+            if value is not None:
+                state[key] = value  # lets the base keep it if the new SVD fails
+        svds_before = int(state.get("proj_refreshes", 0))
+        super().refresh_projector(p, full_grad, group)
+        new = (state.pop("proj_left", None), state.pop("proj_right", None))
+        for key, value in zip(("proj_left", "proj_right"), new):
+            if value is not None:
+                packed, scales, mins = kernels.pack_int4(value.contiguous(), group["proj_group_size"],
+                                                         backend=self._aux_backend())
+                state[f"{key}_int4"], state[f"{key}_scales"], state[f"{key}_mins"] = packed, scales, mins
+                state[f"{key}_shape"] = torch.tensor(value.shape, dtype=torch.int64)
+        step = int(state["step"]) if "step" in state else 0
+        if "proj_gap" not in state:
+            state["proj_gap"] = torch.tensor(group["update_proj_gap"], dtype=torch.int64)
+            state["sim_queue"] = torch.zeros(group["queue_size"], dtype=torch.float32)
+            state["sim_count"] = torch.tensor(0, dtype=torch.int64)
+        did_svd = int(state.get("proj_refreshes", 0)) > svds_before
+        if did_svd and any(v is not None for v in previous):
+            self._record_similarity(state, group, previous, new)
+        state["next_refresh"] = torch.tensor(step + int(state["proj_gap"]), dtype=torch.int64)
+
+    @staticmethod
+    def _leading(left: Tensor | None, right: Tensor | None) -> Tensor:
+        # Leading singular vector: first column of the left projector or first row of the right.
+        return left[:, 0] if left is not None else right[0, :]
+
+    def _record_similarity(self, state, group, previous, new) -> None:
+        a, b = self._leading(*previous).float(), self._leading(*new).float()
+        cos = (a @ b).abs() / (a.norm() * b.norm()).clamp_min(1e-12)  # |cos|: sign-flip invariant
+        queue = state["sim_queue"]
+        queue.copy_(torch.roll(queue, 1))
+        queue[0] = cos
+        state["sim_count"] += 1
+        k = queue.numel()
+        if int(state["sim_count"]) >= k and float(queue.mean()) >= group["cos_threshold"]:
+            cap = group["max_proj_gap"] or 16 * group["update_proj_gap"]
+            state["proj_gap"].fill_(min(int(state["proj_gap"]) * group["gap_growth"], cap))
+
+    # ------------------------------------------------------------------ INT8 weights
+    def _update(self, p: Tensor, low_grad: Tensor, state: dict, group: dict) -> None:
+        if p.dtype != torch.int8:
+            super()._update(p, low_grad, state, group)
+            return
+        scales, gs = getattr(p, SCALES_ATTR), getattr(p, GROUP_ATTR)
+        weight = kernels.dequantize_int8(p, scales, gs)  # transient fp32 copy of this one weight
+        super()._update(weight, low_grad, state, group)
+        seed = proj.projector_seed(group["proj_seed"] + 1, self._param_index(p), int(state["step"])) & 0x7FFFFFFF
+        codes, new_scales = kernels.quantize_int8_sr(weight, gs, seed, backend=self._aux_backend())
+        p.copy_(codes)
+        scales.copy_(new_scales)
+
+    # ------------------------------------------------------------------ step
+    def _allreduce_float_grads(self) -> None:
+        if not (self.allreduce_grads and dist.is_available() and dist.is_initialized()):
+            return
+        world = dist.get_world_size()
+        if world == 1:
+            return
+        for group in self.param_groups:
+            for p in group["params"]:
+                g = getattr(p, GRAD_ATTR, None)
+                if p.dtype == torch.int8 and g is not None:
+                    dist.all_reduce(g)
+                    g.div_(world)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None):
+        if self.layerwise:
+            raise ValueError("QGaLoreAdamW8bit does not support layerwise=True")
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._allreduce_float_grads()
+        for group in self.param_groups:
+            for p in group["params"]:
+                grad = _grad_of(p)
+                if grad is None:
+                    continue
+                if grad.is_sparse:
+                    raise RuntimeError("QGaLoreAdamW8bit does not support sparse gradients")
+                self._apply(p, grad, group)
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none=set_to_none)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if getattr(p, GRAD_ATTR, None) is not None:
+                    setattr(p, GRAD_ATTR, None)
+
+    def svd_count(self) -> int:
+        """Projector SVDs done so far, over all tensors."""
+        return int(sum(int(s.get("proj_refreshes", 0)) for s in self.state.values()))

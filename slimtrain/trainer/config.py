@@ -1,0 +1,296 @@
+"""The trainer's typed configuration: nested dataclasses, a YAML file, ``key=value`` overrides.
+
+Every field carries its documentation in ``metadata["help"]`` (the CLI's ``--help-config``
+prints it) and, where the value is one of a fixed set, ``metadata["choices"]``. Loading goes
+YAML -> dict -> :func:`from_dict`, which rejects unknown keys and badly typed values with a
+message naming the key, the value and what is allowed; ``__post_init__`` checks ranges.
+The resolved config (:func:`to_dict`) is saved in every checkpoint and in ``config.yaml``
+in the run directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration key or value; the message names the key, the value and the fix."""
+
+
+def _f(default, help: str, choices: tuple | None = None, **kw):
+    meta = {"help": help}
+    if choices is not None:
+        meta["choices"] = choices
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
+
+
+def _check(cond: bool, key: str, value, need: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}={value!r}: {need}")
+
+
+@dataclass
+class ModelConfig:
+    name: str = _f("llama-20m", "a preset (llama-20m, llama-60m, llama-130m, llama-350m, llama-1b, llama-7b: "
+                   "the GaLore paper's Llama shapes, vocabulary from the tokenizer) or a local Hugging Face "
+                   "model directory / config.json (weights are loaded when the directory has them)")
+    dtype: str = _f("float32", "parameter dtype; bf16 weights need an optimizer that keeps fp32 state",
+                    choices=("float32", "bfloat16"))
+    activation_checkpointing: bool = _f(False, "recompute decoder layers in backward (less memory, ~30% slower)")
+    max_position_embeddings: int = _f(0, "override the preset's context length (0: max(preset, data.seq_len))")
+
+    def __post_init__(self):
+        _check(bool(self.name), "model.name", self.name, "give a preset name or a model directory")
+        _check(self.max_position_embeddings >= 0, "model.max_position_embeddings", self.max_position_embeddings,
+               "must be >= 0")
+
+
+@dataclass
+class DataConfig:
+    files: list = _f([], "local text / .jsonl / .json / .parquet files (globs allowed); empty: the built-in "
+                     "English corpus (Python's own documentation, read from pydoc_data at run time)")
+    format: str = _f("auto", "file format; auto picks it from the first file's extension",
+                     choices=("auto", "text", "json", "parquet"))
+    text_field: str = _f("text", "the column holding the text in json / parquet files")
+    tokenizer: str = _f("byte", "'byte' (built-in byte-level tokenizer, 256 bytes + <eos>, no download) or a "
+                        "local Hugging Face tokenizer directory")
+    seq_len: int = _f(128, "tokens per training block; documents are joined with <eos> and packed")
+    eval_fraction: float = _f(0.05, "share of documents held out for evaluation (at least one document)")
+    max_eval_blocks: int = _f(64, "evaluate on at most this many held-out blocks")
+
+    def __post_init__(self):
+        if isinstance(self.files, str):
+            self.files = [self.files]
+        _check(all(isinstance(f, str) for f in self.files), "data.files", self.files, "must be a list of paths")
+        _check(self.seq_len >= 2, "data.seq_len", self.seq_len, "must be >= 2")
+        _check(0.0 < self.eval_fraction < 1.0, "data.eval_fraction", self.eval_fraction,
+               "must be strictly between 0 and 1 (e.g. 0.05)")
+        _check(self.max_eval_blocks >= 1, "data.max_eval_blocks", self.max_eval_blocks, "must be >= 1")
+
+
+@dataclass
+class OptimConfig:
+    name: str = _f("adamw", "optimizer name from slimtrain.optim.registry (validated against "
+                   "available_optimizers(); e.g. adamw, galore_adamw, galore_adafactor, bnb_adamw8bit)")
+    lr: float = _f(2e-3, "peak learning rate (after warmup)")
+    weight_decay: float = _f(0.0, "decoupled weight decay")
+    args: dict = _f({}, "extra keyword arguments for the optimizer factory, e.g. optim.args.rank=64 "
+                    "optim.args.update_proj_gap=50 optim.args.betas=[0.9,0.95]")
+
+    def __post_init__(self):
+        _check(self.lr > 0 and math.isfinite(self.lr), "optim.lr", self.lr, "must be a positive number")
+        _check(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "must be >= 0")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = _f(150, "optimizer steps")
+    batch_size: int = _f(8, "sequences per micro-batch per rank")
+    grad_accum: int = _f(1, "micro-batches per optimizer step (global batch = batch_size * grad_accum * ranks)")
+    warmup_steps: int = _f(10, "linear warmup steps")
+    min_lr_ratio: float = _f(0.1, "cosine decays to lr * min_lr_ratio at the last step")
+    max_grad_norm: float = _f(1.0, "global gradient-norm clipping (0: off; never used by zeroth-order optimizers)")
+    bf16: bool = _f(False, "bf16 autocast for forward/backward (fp32 parameters and optimizer)")
+    seed: int = _f(0, "seeds model init, data order and every RNG")
+    eval_every: int = _f(100, "evaluate every N steps (0: only at the end)")
+    log_every: int = _f(1, "write a metrics line every N steps")
+    nan_policy: str = _f("stop", "on a non-finite loss: stop (naming the checkpoint to resume from) or skip the "
+                         "step", choices=("stop", "skip"))
+    max_nan_skips: int = _f(10, "with nan_policy=skip, stop after this many consecutive skipped steps")
+    progress: bool = _f(True, "show a tqdm progress bar on rank 0")
+
+    def __post_init__(self):
+        for key in ("steps", "batch_size", "grad_accum", "log_every", "max_nan_skips"):
+            _check(getattr(self, key) >= 1, f"train.{key}", getattr(self, key), "must be >= 1")
+        for key in ("warmup_steps", "eval_every"):
+            _check(getattr(self, key) >= 0, f"train.{key}", getattr(self, key), "must be >= 0")
+        _check(0.0 <= self.min_lr_ratio <= 1.0, "train.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
+        _check(self.max_grad_norm >= 0, "train.max_grad_norm", self.max_grad_norm, "must be >= 0 (0 turns it off)")
+
+
+@dataclass
+class DistConfig:
+    engine: str = _f("torch", "torch: plain torch.distributed (gradients all-reduced after backward, like DDP); "
+                     "deepspeed: a DeepSpeed engine wraps model and optimizer", choices=("torch", "deepspeed"))
+    zero_stage: int = _f(0, "DeepSpeed ZeRO stage (needs dist.engine=deepspeed; GaLore-family optimizers need 0)",
+                         choices=(0, 1, 2, 3))
+    deepspeed_config: str = _f("", "optional DeepSpeed JSON merged under the config slimtrain builds "
+                               "(batch sizes, clipping and ZeRO stage always come from this config)")
+
+    def __post_init__(self):
+        _check(self.zero_stage == 0 or self.engine == "deepspeed", "dist.zero_stage", self.zero_stage,
+               "ZeRO needs dist.engine=deepspeed")
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = _f(100, "save a checkpoint every N steps (0: only at the end)")
+    keep: int = _f(2, "keep the newest N checkpoints")
+
+    def __post_init__(self):
+        _check(self.every >= 0, "checkpoint.every", self.every, "must be >= 0")
+        _check(self.keep >= 1, "checkpoint.keep", self.keep, "must be >= 1")
+
+
+@dataclass
+class Config:
+    output_dir: str = _f("runs/slimtrain", "run directory: checkpoints/, metrics.jsonl, tensorboard/, "
+                         "loss.png, summary.json, config.yaml")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+# ---------------------------------------------------------------------------- building
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(key: str, value, typ, choices):
+    """``value`` as ``typ`` (a YAML-parsed or string value), or a ConfigError naming the key."""
+    origin = typing.get_origin(typ)
+    if typ is bool:
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0", "on", "off"):
+            value = value.lower() in ("true", "yes", "1", "on")
+        _check(isinstance(value, bool), key, value, "expected true or false")
+    elif typ is int:
+        if isinstance(value, str):
+            try:
+                value = int(value)
+            except ValueError:
+                pass
+        _check(isinstance(value, int) and not isinstance(value, bool), key, value, "expected an integer")
+    elif typ is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool), key, value, "expected a number")
+        value = float(value)
+    elif typ is str:
+        _check(isinstance(value, (str, int, float)) and not isinstance(value, bool), key, value, "expected a string")
+        value = str(value)
+    elif typ is list or origin is list:
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        _check(isinstance(value, list), key, value, "expected a list, e.g. [a.txt, b.txt] or a,b")
+    elif typ is dict or origin is dict:
+        _check(isinstance(value, dict), key, value, "expected a mapping")
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{key}={value!r}: allowed choices are {list(choices)}")
+    return value
+
+
+def _build(cls, data: dict, prefix: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}={data!r}: expected a mapping of keys")
+    hints = _hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for name, value in data.items():
+        if name not in fields:
+            raise ConfigError(f"unknown config key {prefix + str(name)!r}; known keys"
+                              f"{' in ' + repr(prefix.rstrip('.')) if prefix else ''}: {sorted(fields)}")
+        typ = hints[name]
+        if dataclasses.is_dataclass(typ):
+            kwargs[name] = _build(typ, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(prefix + name, value, typ, fields[name].metadata.get("choices"))
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # a value of a type __post_init__ could not compare
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {e}") from None
+
+
+def from_dict(data: dict | None) -> Config:
+    """Build a :class:`Config` from nested plain data (unknown keys / bad values -> ConfigError)."""
+    return _build(Config, data or {}, "")
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def apply_override(data: dict, assignment: str) -> None:
+    """Apply one ``a.b.c=value`` assignment to nested ``data`` (value parsed as YAML)."""
+    if "=" not in assignment:
+        raise ConfigError(f"override {assignment!r} is not key=value (e.g. train.steps=100)")
+    key, raw = assignment.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {assignment!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    if value is None:
+        value = raw
+    # Only optim.args is free-form; elsewhere the path must name dataclass fields, so a typo in
+    # an intermediate part is reported with the section's known keys.
+    parts = key.split(".")
+    node, cls = data, Config
+    for i, part in enumerate(parts[:-1]):
+        if cls is not None:
+            names = {f.name: f for f in dataclasses.fields(cls)}
+            if part not in names:
+                where = ".".join(parts[:i])
+                raise ConfigError(f"unknown config key {'.'.join(parts[: i + 1])!r}; known keys"
+                                  f"{' in ' + repr(where) if where else ''}: {sorted(names)}")
+            typ = _hints(cls)[part]
+            cls = typ if dataclasses.is_dataclass(typ) else None
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def load_config(path: str | None = None, overrides: list[str] | tuple = ()) -> Config:
+    """A YAML file (optional) plus ``key=value`` overrides, validated into a :class:`Config`."""
+    data: dict = {}
+    if path:
+        try:
+            with open(path) as fh:
+                data = yaml.safe_load(fh) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path!r} does not exist") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path!r} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path!r} must hold a mapping (key: value), got {type(data).__name__}")
+    for assignment in overrides:
+        apply_override(data, assignment)
+    return from_dict(data)
+
+
+def describe(cls=Config, prefix: str = "") -> list[str]:
+    """One line per key: ``name (type, default): help [choices]`` (the CLI's --help-config)."""
+    lines = []
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        typ = hints[f.name]
+        if dataclasses.is_dataclass(typ):
+            lines += describe(typ, f"{prefix}{f.name}.")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        tname = typ.__name__ if isinstance(typ, type) else str(typ)
+        choices = f" choices={list(f.metadata['choices'])}" if "choices" in f.metadata else ""
+        lines.append(f"  {prefix}{f.name} ({tname}, default {default!r}): {f.metadata.get('help', '')}{choices}")
+    return lines
+
+
+__all__ = ["Config", "ModelConfig", "DataConfig", "OptimConfig", "TrainConfig", "DistConfig", "CheckpointConfig",
+           "ConfigError", "load_config", "from_dict", "to_dict", "apply_override", "describe"]

@@ -1,0 +1,91 @@
+"""Models by name: the GaLore paper's Llama shapes as presets, or a local Hugging Face model."""
+
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .config import ConfigError, ModelConfig
+
+
+def _llama(hidden: int, intermediate: int, heads: int, layers: int, max_pos: int = 1024) -> Callable[[], dict]:
+    def preset() -> dict:
+        return dict(hidden_size=hidden, intermediate_size=intermediate, num_attention_heads=heads,
+                    num_key_value_heads=heads, num_hidden_layers=layers, max_position_embeddings=max_pos)
+
+    preset.__doc__ = f"Llama: hidden {hidden}, MLP {intermediate}, {heads} heads, {layers} layers"
+    return preset
+
+
+# The shapes of the GaLore repository's configs/llama_*.json (Zhao et al., 2024). The vocabulary
+# is not part of a preset: it comes from the tokenizer (32000 with the paper's T5 tokenizer,
+# 257 with the built-in byte tokenizer), so "llama-20m" is ~20M parameters only with a 32k vocab.
+MODEL_PRESETS: dict[str, Callable[[], dict]] = {
+    "llama-20m": _llama(256, 688, 4, 4),
+    "llama-60m": _llama(512, 1376, 8, 8),
+    "llama-130m": _llama(768, 2048, 12, 12),
+    "llama-350m": _llama(1024, 2736, 16, 24),
+    "llama-1b": _llama(2048, 5461, 32, 24),
+    "llama-7b": _llama(4096, 11008, 32, 32),
+}
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def _has_weights(path: str) -> bool:
+    names = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+    return os.path.isdir(path) and any(os.path.exists(os.path.join(path, n)) for n in names)
+
+
+def build_model(cfg: ModelConfig, vocab_size: int, seq_len: int, bos_id: int | None, eos_id: int) -> nn.Module:
+    """The model named by ``cfg`` with an embedding for ``vocab_size`` tokens.
+
+    Call under a seeded RNG: initialisation is the model's own, so a seed fixes it.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    dtype = DTYPES[cfg.dtype]
+    if cfg.name in MODEL_PRESETS:
+        shape = MODEL_PRESETS[cfg.name]()
+        shape["max_position_embeddings"] = cfg.max_position_embeddings or max(shape["max_position_embeddings"], seq_len)
+        hf = LlamaConfig(vocab_size=vocab_size, bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=None,
+                         tie_word_embeddings=False, **shape)
+        model = LlamaForCausalLM(hf)
+    elif os.path.exists(cfg.name):
+        path = cfg.name
+        if _has_weights(path):
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        else:
+            hf = AutoConfig.from_pretrained(path)
+            if cfg.max_position_embeddings and hasattr(hf, "max_position_embeddings"):
+                hf.max_position_embeddings = cfg.max_position_embeddings
+            model = AutoModelForCausalLM.from_config(hf)
+        emb = model.get_input_embeddings().weight.shape[0]
+        if emb < vocab_size:
+            raise ConfigError(
+                f"model.name={path!r} embeds {emb} tokens but the tokenizer (data.tokenizer) has {vocab_size}; "
+                "use the model's own tokenizer directory or a config with a larger vocab_size"
+            )
+    else:
+        raise ConfigError(
+            f"model.name={cfg.name!r} is neither a preset ({sorted(MODEL_PRESETS)}) nor an existing local "
+            "Hugging Face model directory / config.json"
+        )
+    if cfg.activation_checkpointing:
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise ConfigError(f"model.activation_checkpointing=True: {type(model).__name__} does not support it")
+        # Non-reentrant checkpointing works with inputs that do not require grad and with
+        # parameters whose requires_grad changes between steps (LISA).
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    return model.to(dtype)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -13,7 +13,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .state_dtypes import restore_state_dtypes  # noqa: F401  (re-exported)
+from .validation import check_adam_args
+from .state_dtypes import restore_state_dtypes
 from torch.optim.adamw import adamw as _torch_adamw
 
 from .. import kernels
@@ -140,14 +141,7 @@ class AdamW8bit(Optimizer):
         block_size: int = kernels.DEFAULT_BLOCK,
         backend: str | None = None,
     ):
-        if not 0.0 <= lr:
-            raise ValueError(f"lr={lr!r} must be >= 0")
-        if not 0.0 <= betas[0] < 1.0 or not 0.0 <= betas[1] < 1.0:
-            raise ValueError(f"betas={betas!r} must both lie in [0, 1)")
-        if not 0.0 <= eps:
-            raise ValueError(f"eps={eps!r} must be >= 0")
-        if not 0.0 <= weight_decay:
-            raise ValueError(f"weight_decay={weight_decay!r} must be >= 0")
+        check_adam_args(lr, betas, eps, weight_decay)
         # bitsandbytes-signature arguments whose other values select features this class does
         # not implement: refuse them instead of silently ignoring them.
         unsupported = {"amsgrad": (amsgrad, False), "optim_bits": (optim_bits, 8), "args": (args, None),

@@ -10,6 +10,7 @@ import math
 import torch
 from torch import Tensor
 
+from .validation import check_adam_args
 from . import projector as proj
 from .galore_base import GaLoreOptimizerBase
 
@@ -108,14 +109,7 @@ class GaLoreAdamW(GaLoreOptimizerBase):
         layerwise: bool = False,
         accumulation_steps: int = 1,
     ):
-        if not 0.0 <= lr:
-            raise ValueError(f"lr={lr!r} must be >= 0")
-        if not 0.0 <= betas[0] < 1.0 or not 0.0 <= betas[1] < 1.0:
-            raise ValueError(f"betas={betas!r} must both lie in [0, 1)")
-        if not 0.0 <= eps:
-            raise ValueError(f"eps={eps!r} must be >= 0")
-        if not 0.0 <= weight_decay:
-            raise ValueError(f"weight_decay={weight_decay!r} must be >= 0")
+        check_adam_args(lr, betas, eps, weight_decay)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias)
         super().__init__(params, defaults, layerwise=layerwise, accumulation_steps=accumulation_steps)
 

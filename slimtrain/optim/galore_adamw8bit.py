@@ -12,6 +12,7 @@ import math
 import torch
 from torch import Tensor
 
+from .validation import check_adam_args
 from .. import kernels
 from . import projector as proj
 from .adamw8bit import ABSMAX1, ABSMAX2, CODES1, CODES2, SKIPPED, init_8bit_moments
@@ -112,14 +113,7 @@ class GaLoreAdamW8bit(GaLoreOptimizerBase):
         layerwise: bool = False,
         accumulation_steps: int = 1,
     ):
-        if not 0.0 <= lr:
-            raise ValueError(f"lr={lr!r} must be >= 0")
-        if not 0.0 <= betas[0] < 1.0 or not 0.0 <= betas[1] < 1.0:
-            raise ValueError(f"betas={betas!r} must both lie in [0, 1)")
-        if not 0.0 <= eps:
-            raise ValueError(f"eps={eps!r} must be >= 0")
-        if not 0.0 <= weight_decay:
-            raise ValueError(f"weight_decay={weight_decay!r} must be >= 0")
+        check_adam_args(lr, betas, eps, weight_decay)
         if not isinstance(min_8bit_size, int) or min_8bit_size < 0:
             raise ValueError(f"min_8bit_size={min_8bit_size!r} must be a non-negative integer")
         if block_size < 2:

@@ -93,7 +93,7 @@ def tiny_model(root: pathlib.Path) -> str:
 def run_one(name: str, overrides: dict, out: pathlib.Path, model: str, rounds: int) -> dict:
     from slimtrain.federated.config import load_config
     from slimtrain.federated.server import FederatedSimulation
-    from slimtrain.trainer.metrics import read_metrics
+    from slimtrain.run.metrics import read_metrics
 
     run_dir = out / name.replace("/", "_").replace("=", "")
     shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run (slimtrain refuses old checkpoints)

@@ -7,8 +7,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
 
 from slimtrain.integrations.hf import SlimtrainHFTrainer
-from slimtrain.trainer.config import DataConfig
-from slimtrain.trainer.data import ByteTokenizer, pack
+from slimtrain.run.config import DataConfig
+from slimtrain.run.data import ByteTokenizer, pack
 
 
 class Blocks(torch.utils.data.Dataset):

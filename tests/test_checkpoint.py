@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from slimtrain.trainer import Trainer, load_config
-from slimtrain.trainer import checkpoint as ckpt
+from slimtrain.run import checkpoint as ckpt
 from trainer_setup import cli_env, losses, run_cli, tiny_overrides
 
 GALORE = {"optim.name": "galore_adamw", "optim.args": "{rank: 8, update_proj_gap: 3, proj_method: randomized}"}

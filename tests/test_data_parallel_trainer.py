@@ -46,7 +46,7 @@ JOBS = {
 def _run_jobs(rank, world, root, jobs):
     """Train each (name, overrides, resume) job on this rank; return per job the loss curve
     (rank 0), the final weights and this rank's optimizer-state bytes."""
-    from slimtrain.trainer.config import load_config
+    from slimtrain.run.config import load_config
     from slimtrain.trainer.trainer import Trainer
 
     out = {}

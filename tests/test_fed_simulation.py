@@ -70,7 +70,7 @@ def test_epsilon_every_round_matches_opacus(assets, tmp_path):
     cfg = make_cfg(assets, tmp_path / "run", **{"federated.dp.noise_multiplier": 1.3})
     sim = FederatedSimulation(cfg)
     summary = sim.run()
-    from slimtrain.trainer.metrics import read_metrics
+    from slimtrain.run.metrics import read_metrics
 
     rows = read_metrics(str(tmp_path / "run" / "metrics.jsonl"))
     assert [r["round"] for r in rows] == [1, 2, 3]
@@ -188,8 +188,8 @@ def test_same_seed_same_result_other_seed_differs(assets, tmp_path):
 
 def test_dirichlet_over_source_documents_skews_clients():
     from slimtrain.federated.partition import partition
-    from slimtrain.trainer.config import DataConfig
-    from slimtrain.trainer.data import ByteTokenizer, pack
+    from slimtrain.run.config import DataConfig
+    from slimtrain.run.data import ByteTokenizer, pack
 
     data = pack(DataConfig(seq_len=256), ByteTokenizer())  # the built-in corpus: 79 documents
     docs = data.train_docs.numpy()
@@ -306,7 +306,7 @@ def test_crash_and_resume_equals_uninterrupted_run(assets, tmp_path):
     summary = resumed.run()
     assert params_equal(resumed.global_params, straight.global_params)
     assert summary["epsilon"] == pytest.approx(straight.epsilon, rel=1e-12)
-    from slimtrain.trainer.metrics import read_metrics
+    from slimtrain.run.metrics import read_metrics
 
     rows = read_metrics(str(out / "metrics.jsonl"))
     assert [r["round"] for r in rows] == [1, 2, 3, 4]

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from slimtrain.trainer import ConfigError, DataError, Trainer, TrainingStopped, load_config
-from slimtrain.trainer import checkpoint as ckpt
-from slimtrain.trainer.config import apply_override
-from slimtrain.trainer.data import BlockOrder, ByteTokenizer, pack
+from slimtrain.run import checkpoint as ckpt
+from slimtrain.run.config import apply_override
+from slimtrain.run.data import BlockOrder, ByteTokenizer, pack
 from slimtrain.trainer.trainer import warmup_cosine
 from trainer_setup import losses, tiny_overrides
 

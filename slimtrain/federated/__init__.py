@@ -14,7 +14,7 @@ The simulation (see docs/federated.md): :mod:`.config` (``slimtrain federated``'
 :mod:`.server` (rounds, faults, DP accounting, checkpoints); :mod:`.flower` is the optional
 Flower adapter (``pip install slimtrain[flower]``), not imported here.
 
-This package may import slimtrain.optim, slimtrain.kernels and slimtrain.trainer; none of
+This package may import slimtrain.optim, slimtrain.kernels and slimtrain.run; none of
 those imports it.
 """
 

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ..optim.registry import build_optimizer
-from ..trainer.data import BlockOrder
+from ..run.data import BlockOrder
 from .strategies import ClientUpdate
 
 Params = dict[str, Tensor]

@@ -1,7 +1,7 @@
 """Configuration of ``slimtrain federated``: the trainer's model / data / optim sections plus a
 ``federated`` section (clients, sampling, strategy, availability, DP, compression, faults).
 
-The dataclass machinery is the trainer's (:mod:`slimtrain.trainer.config`): the same YAML file
+The dataclass machinery is the trainer's (:mod:`slimtrain.run.config`): the same YAML file
 plus ``key=value`` overrides, the same type coercion and error messages naming the key, the
 value and what is allowed, and field docs printed by ``--help-config``. Only the root differs
 (:class:`FedRunConfig`), so overrides are resolved against it here.
@@ -13,8 +13,8 @@ import math
 from dataclasses import dataclass, field
 
 
-from ..trainer import config as _config
-from ..trainer.config import ConfigError, DataConfig, ModelConfig, OptimConfig, _check, _f, describe, to_dict
+from ..run import config as _config
+from ..run.config import ConfigError, DataConfig, ModelConfig, OptimConfig, _check, _f, describe, to_dict
 
 from .availability import AVAILABILITY as _AVAILABILITY
 from .compression import COMPRESSORS as _COMPRESSORS

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import yaml
 
-from ..trainer.config import to_dict
+from ..run.config import to_dict
 from .availability import sample_clients
 from .client import all_finite
 from .config import FedRunConfig

@@ -36,11 +36,11 @@ import torch
 import yaml
 
 from ..optim.registry import available_optimizers
-from ..trainer import checkpoint as ckpt
-from ..trainer.config import ConfigError, to_dict
-from ..trainer.data import build_tokenizer, pack
-from ..trainer.metrics import MetricsWriter, format_summary, peak_memory_mb, read_metrics
-from ..trainer.model import build_model, count_parameters
+from ..run import checkpoint as ckpt
+from ..run.config import ConfigError, to_dict
+from ..run.data import build_tokenizer, pack
+from ..run.metrics import MetricsWriter, format_summary, peak_memory_mb, read_metrics
+from ..run.model import build_model, count_parameters
 from .availability import build_availability, sample_clients
 from .client import FAULTS, ClientRunner, all_finite
 from .config import FedRunConfig

@@ -52,7 +52,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from ..trainer.config import ConfigError, describe, load_config
+    from ..run.config import ConfigError, describe, load_config
 
     if not _start(args, describe):
         return 0
@@ -68,7 +68,7 @@ def _run_train(args: argparse.Namespace) -> int:
 
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from ..trainer.data import DataError
+    from ..run.data import DataError
     from ..trainer.trainer import Trainer, TrainingStopped
 
     trainer = None
@@ -105,7 +105,7 @@ def _run_federated(args: argparse.Namespace) -> int:
         return 2
 
     from ..federated.server import FederatedSimulation
-    from ..trainer.data import DataError
+    from ..run.data import DataError
 
     try:
         FederatedSimulation(cfg, resume=args.resume).run()

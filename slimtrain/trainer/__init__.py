@@ -1,7 +1,7 @@
-"""slimtrain.trainer: the typed config, data, models, checkpoints and the training loop."""
+"""slimtrain.trainer: the training loop (one model, backprop or zeroth-order steps, any engine)."""
 
-from .config import Config, ConfigError, describe, load_config
-from .data import DataError
+from ..run.config import Config, ConfigError, describe, load_config
+from ..run.data import DataError
 from .trainer import Trainer, TrainingStopped
 
 __all__ = ["Config", "ConfigError", "DataError", "Trainer", "TrainingStopped", "describe", "load_config"]

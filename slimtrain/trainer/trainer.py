@@ -45,11 +45,11 @@ from ..optim.galore_base import GaLoreOptimizerBase
 from ..optim.qgalore import QGaLoreAdamW8bit
 from ..optim.registry import available_optimizers, build_optimizer
 from ..parallel.data_parallel import DataParallelOptimizer, galore_optimizer_of
-from . import checkpoint as ckpt
-from .config import Config, ConfigError, to_dict
-from .data import BlockOrder, build_tokenizer, pack
-from .metrics import MetricsWriter, format_summary, peak_memory_mb, plot_losses, read_metrics
-from .model import build_model, count_parameters
+from ..run import checkpoint as ckpt
+from ..run.config import Config, ConfigError, to_dict
+from ..run.data import BlockOrder, build_tokenizer, pack
+from ..run.metrics import MetricsWriter, format_summary, peak_memory_mb, plot_losses, read_metrics
+from ..run.model import build_model, count_parameters
 
 
 class TrainingStopped(RuntimeError):
@@ -80,7 +80,7 @@ def is_shape_dependent(optimizer) -> bool:
 
 
 class Trainer:
-    """Train ``cfg`` (see :mod:`slimtrain.trainer.config`); ``resume`` is a checkpoint directory,
+    """Train ``cfg`` (see :mod:`slimtrain.run.config`); ``resume`` is a checkpoint directory,
     ``True`` (the newest one under ``<output_dir>/checkpoints``) or None."""
 
     def __init__(self, cfg: Config, resume: str | bool | None = None):

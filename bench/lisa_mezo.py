@@ -153,6 +153,7 @@ def _worker(task: str, method: str, cfg: dict) -> dict:
     sys.path.insert(0, str(ROOT / "tests"))
     from memtrack import PeakLiveBytes
     from slimtrain.optim.registry import build_optimizer
+    from slimtrain.optim.spec import spec_of
 
     torch.set_num_threads(1)
     model, train, evaluate = (_llama_task if task == "llama" else _minilm_task)(cfg)
@@ -181,7 +182,7 @@ def _worker(task: str, method: str, cfg: dict) -> dict:
             opt = build_optimizer("mezo", model, lr=cfg["lr_zo"], eps=cfg["eps"])
         else:
             opt = build_optimizer("sparse_mezo", model, lr=cfg["lr_zo"], eps=cfg["eps"], sparsity=0.75)
-        if getattr(opt, "zeroth_order", False):
+        if spec_of(opt).zeroth_order:
             def step(batch):
                 opt.step(lambda: model(**batch).loss)
         else:

@@ -391,7 +391,7 @@ def test_fedprox_pulls_the_client_towards_the_global_model(assets, tmp_path):
 def test_zeroth_order_clients_train_with_a_closure(assets, tmp_path):
     cfg = make_cfg(assets, tmp_path / "run", **{"optim.name": "mezo", "optim.lr": 1e-4, "federated.rounds": 2})
     sim = FederatedSimulation(cfg)
-    assert sim.runner.zeroth_order
+    assert sim.runner.spec.zeroth_order
     r0 = sim.runner.run(0, 0, sim.global_params, {})
     r1 = sim.runner.run(1, 0, sim.global_params, {})
     n0 = sum(float(t.abs().sum()) for t in r0.update.delta.values())

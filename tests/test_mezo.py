@@ -246,7 +246,7 @@ def test_registry_and_errors():
     mezo = build_optimizer("mezo", model, lr=1e-5)
     sparse = build_optimizer("sparse_mezo", model, lr=1e-5, sparsity=0.9)
     assert isinstance(mezo, MeZO) and isinstance(sparse, SparseMeZO)
-    assert mezo.zeroth_order and SparseMeZO.zeroth_order
+    assert mezo.spec.zeroth_order and SparseMeZO.spec.zeroth_order
     assert mezo.model is model  # the factory wires eval mode for the evaluations
     with pytest.raises(ValueError, match="closure"):
         mezo.step()
@@ -284,6 +284,6 @@ def test_slimtrain_trainer_runs_zeroth_order_without_gradients(tmp_path, name):
         trainer.train()
     finally:
         trainer.close()
-    assert trainer.zeroth_order and int(trainer.optimizer.state_dict()["zo"]["step"]) == 3
+    assert trainer.spec.zeroth_order and int(trainer.optimizer.state_dict()["zo"]["step"]) == 3
     assert all(p.grad is None for p in trainer.model.parameters())
     assert any(not torch.equal(p, q) for p, q in zip(trainer.model.parameters(), before))

@@ -140,11 +140,13 @@ def _dp_worker(rank, world, batches):
     for b in batches:
         mine = b.chunk(world)[rank]
         model(input_ids=mine, labels=mine).loss.backward()
-        for p in model.parameters():  # what DDP does for the float parameters
-            if p.grad is not None and world > 1:
-                dist.all_reduce(p.grad)
-                p.grad.div_(world)
-        opt.step()  # averages the INT8 weights' float gradients itself
+        grads = [p.grad for p in model.parameters() if p.grad is not None]  # what DDP does for float parameters
+        grads += opt.external_grads()  # the INT8 weights' float gradients, which DDP does not see
+        for g in grads:
+            if world > 1:
+                dist.all_reduce(g)
+                g.div_(world)
+        opt.step()
         opt.zero_grad()
         snapshots.append({k: v.clone() for k, v in model.state_dict().items()})
     return snapshots

@@ -166,13 +166,13 @@ def test_lisa_style_frozen_parameters_are_tolerated(tmp_path):
 
 
 def _poison_step(trainer, at_step):
-    original = trainer._loss
+    original = trainer.loss_of
 
     def loss(module, ids):
         value = original(module, ids)
         return value * float("nan") if trainer.step + 1 == at_step and module.training else value
 
-    trainer._loss = loss
+    trainer.loss_of = loss
 
 
 def test_nan_loss_stops_naming_step_and_checkpoint(tmp_path):

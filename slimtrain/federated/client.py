@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..optim.registry import build_optimizer
+from ..optim.registry import build_optimizer, optimizer_spec
+from ..optim.spec import lowrank_step_of
 from ..run.data import BlockOrder
 from .strategies import ClientUpdate
 
@@ -57,30 +58,29 @@ class ClientRunner:
     """Runs clients one at a time on ``model`` (shared by all of them: memory O(model)).
 
     ``blocks`` (N, T) are the training blocks, ``client_blocks[i]`` the block ids of client ``i``.
-    ``optim_name`` / ``lr`` / ``optim_args`` build the local optimizer through
-    :func:`slimtrain.optim.registry.build_optimizer`; zeroth-order optimizers (MeZO) are stepped
-    with a closure, gradient ones with backward + optional norm clipping.
+    ``optim_name`` / ``optim_kwargs`` (``lr`` and the rest, as
+    :func:`slimtrain.run.config.optimizer_kwargs` builds them) make the local optimizer through
+    :func:`slimtrain.optim.registry.build_optimizer`; what it can do comes from its declared spec:
+    zeroth-order optimizers (MeZO) are stepped with a closure, gradient ones with backward +
+    optional norm clipping (not for layer-wise ones, which update inside backward).
     """
 
     def __init__(self, model: nn.Module, blocks: Tensor, client_blocks: list[np.ndarray], *, optim_name: str,
-                 lr: float, optim_args: dict | None = None, batch_size: int = 8, local_steps: int = 1,
+                 optim_kwargs: dict, batch_size: int = 8, local_steps: int = 1,
                  max_grad_norm: float = 0.0, seed: int = 0, keep_optimizer_state: bool = False):
         self.model = model
         self.blocks = blocks
         self.client_blocks = client_blocks
-        self.optim_name, self.lr, self.optim_args = optim_name, float(lr), dict(optim_args or {})
+        self.optim_name, self.optim_kwargs = optim_name, dict(optim_kwargs)
         self.batch_size, self.local_steps = int(batch_size), int(local_steps)
         self.max_grad_norm, self.seed = float(max_grad_norm), int(seed)
         self.keep_optimizer_state = bool(keep_optimizer_state)
         self.device = next(model.parameters()).device
         self.names = [n for n, p in model.named_parameters() if p.requires_grad]
         self._params = dict(model.named_parameters())
-        probe = build_optimizer(optim_name, model, lr=self.lr, **self.optim_args)
-        self.zeroth_order = bool(getattr(probe, "zeroth_order", False))
-        self.layerwise = bool(getattr(probe, "layerwise", False))
-        if hasattr(probe, "remove_hooks"):
-            probe.remove_hooks()
-        del probe
+        self.spec = optimizer_spec(optim_name, **self.optim_kwargs)
+        # arguments are checked once, here, rather than by the first client of the first round
+        self._remove_hooks(build_optimizer(optim_name, model, **self.optim_kwargs))
 
     # ------------------------------------------------------------------ parameters
     def global_params(self) -> Params:
@@ -107,8 +107,8 @@ class ClientRunner:
         return 0.5 * mu * sum(((self._params[n].float() - global_dev[n]) ** 2).sum() for n in self.names)
 
     def _optimizer(self, client_id: int, round_idx: int, state: dict):
-        kwargs = {"lr": self.lr, **self.optim_args}
-        if self.zeroth_order and "seed" not in self.optim_args:
+        kwargs = dict(self.optim_kwargs)
+        if self.spec.zeroth_order and "seed" not in kwargs:
             # one perturbation stream per client-round; a shared seed would give every client the
             # same perturbation directions and so correlated (less informative) estimates
             kwargs["seed"] = mix_seed(self.seed, round_idx, client_id, 1)
@@ -142,7 +142,7 @@ class ClientRunner:
             for step in range(self.local_steps):
                 ids = self._batch(client_id, order, position)
                 position += self.batch_size
-                if self.zeroth_order:
+                if self.spec.zeroth_order:
                     seen = []
 
                     def closure(ids=ids):
@@ -159,7 +159,7 @@ class ClientRunner:
                     loss = self.model(input_ids=ids, labels=ids).loss.float()
                     total = loss + self._prox(global_dev, prox_mu) if global_dev is not None else loss
                     total.backward()
-                    if self.max_grad_norm > 0 and not self.layerwise:
+                    if self.max_grad_norm > 0 and not self.spec.layerwise:
                         torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.grad is not None],
                                                        self.max_grad_norm)
                     optimizer.step()
@@ -176,8 +176,7 @@ class ClientRunner:
             if self.keep_optimizer_state:
                 new_state["optim"] = optimizer.state_dict()
         finally:
-            if hasattr(optimizer, "remove_hooks"):  # GaLore layer-wise hooks must not outlive the client
-                optimizer.remove_hooks()
+            self._remove_hooks(optimizer)
             self.model.zero_grad(set_to_none=True)
         examples = self.local_steps * self.batch_size
         loss = float(np.mean(losses)) if losses else math.nan
@@ -185,17 +184,20 @@ class ClientRunner:
         return ClientResult(update=update, state=new_state, projectors=projectors, loss=loss,
                             seconds=time.perf_counter() - t0, straggle_s=straggle_s if fault == "timeout" else 0.0)
 
+    def _remove_hooks(self, optimizer) -> None:
+        if self.spec.layerwise:  # layer-wise hooks must not outlive the client's optimizer
+            optimizer.remove_hooks()
+
     def _projectors(self, optimizer) -> dict[str, tuple[Tensor | None, Tensor | None]]:
         """``{name: (left, right)}`` of the GaLore projectors the client's optimizer holds (empty for
-        non-GaLore optimizers): the low-rank compressor reuses this subspace for the upload."""
+        optimizers without a low-rank step): the low-rank compressor reuses this subspace for the upload."""
+        lowrank = lowrank_step_of(optimizer)
+        if lowrank is None:
+            return {}
         names = {id(p): n for n, p in self.model.named_parameters()}
-        out = {}
-        for p, st in getattr(optimizer, "state", {}).items():
-            if isinstance(st, dict) and ("proj_left" in st or "proj_right" in st) and id(p) in names:
-                left, right = st.get("proj_left"), st.get("proj_right")
-                out[names[id(p)]] = (None if left is None else left.detach().float().cpu(),
-                                     None if right is None else right.detach().float().cpu())
-        return out
+        cpu = (lambda t: None if t is None else t.detach().float().cpu())
+        return {names[id(p)]: (cpu(left), cpu(right)) for p, (left, right) in lowrank.projectors().items()
+                if id(p) in names}
 
 
 def all_finite(delta: Params) -> bool:

@@ -23,7 +23,6 @@ the same global model as an uninterrupted one, and epsilon continues from its hi
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -33,20 +32,23 @@ from typing import Callable
 
 import numpy as np
 import torch
-import yaml
 
-from ..optim.registry import available_optimizers
+from ..optim.registry import available_optimizers, optimizer_spec
 from ..run import checkpoint as ckpt
-from ..run.config import ConfigError, to_dict
+from ..run.config import ConfigError, optimizer_kwargs, to_dict
 from ..run.data import build_tokenizer, pack
-from ..run.metrics import MetricsWriter, format_summary, peak_memory_mb, read_metrics
+from ..run.metrics import MetricsWriter, peak_memory_mb
 from ..run.model import build_model, count_parameters
+from ..run.wrapup import finish_run, write_run_config
 from .availability import build_availability, sample_clients
 from .client import FAULTS, ClientRunner, all_finite
 from .config import FedRunConfig
 from .partition import partition
 from .store import ClientStore, SpilledDelta
 from .strategies import ClientUpdate, build_strategy
+
+# loss.png of a federated run: curves against rounds, epsilon on a second axis
+ROUND_CURVES = (("loss", "mean client train loss", "-"), ("eval_loss", "global eval loss", "o-"))
 
 # A function (round_idx, client_id) -> fault name or None; the default draws faults from
 # ``federated.fail_prob``. Tests pass their own to fail chosen clients.
@@ -56,10 +58,6 @@ FaultFn = Callable[[int, int], "str | None"]
 _RESUME_IDENTITY = ("federated.clients", "federated.seed", "federated.partition", "federated.alpha",
                     "federated.shards_per_client", "data", "model")
 
-# Optimizers that rebuild the model itself (QGaLore swaps nn.Linear for INT8 layers) cannot be
-# built once per client on a shared model.
-_UNSUPPORTED_OPTIMIZERS = {"qgalore_adamw8bit": "it replaces the model's linear layers in place when built, "
-                                                "which cannot happen once per client on one shared model"}
 
 
 def _get(d: dict, dotted: str):
@@ -100,19 +98,18 @@ class FederatedSimulation:
         # ---- model and the client runner (one model instance for every client)
         if cfg.optim.name not in available_optimizers():
             raise ConfigError(f"optim.name={cfg.optim.name!r}: allowed choices are {available_optimizers()}")
-        if cfg.optim.name in _UNSUPPORTED_OPTIMIZERS:
-            raise ConfigError(f"optim.name={cfg.optim.name!r} is not supported by slimtrain federated: "
-                              f"{_UNSUPPORTED_OPTIMIZERS[cfg.optim.name]}; use galore_adamw8bit instead")
+        if optimizer_spec(cfg.optim.name, **optimizer_kwargs(cfg.optim)).rewrites_model:
+            # built once per client on one shared model, it would rewrite that model every time
+            raise ConfigError(f"optim.name={cfg.optim.name!r} is not supported by slimtrain federated: it replaces "
+                              "the model's layers in place when built, which cannot happen once per client on one "
+                              "shared model; use galore_adamw8bit instead")
         device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
         torch.manual_seed(fc.seed)  # the initial global model depends on the seed only
         self.model = build_model(cfg.model, self.tokenizer.vocab_size, cfg.data.seq_len,
                                  self.tokenizer.bos_token_id, self.tokenizer.eos_token_id).to(device)
-        optim_args = dict(cfg.optim.args)
-        if cfg.optim.weight_decay and "weight_decay" not in optim_args:
-            optim_args["weight_decay"] = cfg.optim.weight_decay
         try:
             self.runner = ClientRunner(self.model, self.data.train, self.client_blocks, optim_name=cfg.optim.name,
-                                       lr=cfg.optim.lr, optim_args=optim_args, batch_size=fc.batch_size,
+                                       optim_kwargs=optimizer_kwargs(cfg.optim), batch_size=fc.batch_size,
                                        local_steps=fc.local_steps, max_grad_norm=fc.max_grad_norm, seed=fc.seed,
                                        keep_optimizer_state=fc.keep_client_optimizer_state)
         except (TypeError, ValueError) as e:  # an argument the optimizer does not take, or a bad value
@@ -379,9 +376,7 @@ class FederatedSimulation:
         from tqdm import tqdm
 
         cfg, fc = self.cfg, self.cfg.federated
-        os.makedirs(cfg.output_dir, exist_ok=True)
-        with open(os.path.join(cfg.output_dir, "config.yaml"), "w") as fh:
-            yaml.safe_dump(to_dict(cfg), fh, sort_keys=False)
+        write_run_config(cfg.output_dir, cfg)
         writer = MetricsWriter(cfg.output_dir, self.round if self.resumed_from else None)
         dp_text = (f"DP-FedAvg z={self.noise_multiplier:.3g}, C={fc.dp.clip_norm}, q={self.sample_rate:.3g}, "
                    f"delta={fc.dp.delta}" if self.accountant is not None else "no DP")
@@ -447,46 +442,8 @@ class FederatedSimulation:
             "client_store_mb": self.store.disk_bytes() / 2**20,
             "checkpoint": self.last_checkpoint,
         }
-        metrics = read_metrics(os.path.join(cfg.output_dir, "metrics.jsonl"))
-        summary["loss_plot"] = plot_rounds(metrics, os.path.join(cfg.output_dir, "loss.png"))
-        with open(os.path.join(cfg.output_dir, "summary.json"), "w") as fh:
-            json.dump(summary, fh, indent=2)
-        tqdm.write(format_summary(summary))
-        return summary
+        return finish_run(cfg.output_dir, summary, tqdm.write, x="round", curves=ROUND_CURVES,
+                          twin=("epsilon", "epsilon", "k--"))
 
 
-def plot_rounds(metrics: list[dict], path: str) -> str | None:
-    """PNG of eval loss (and mean client train loss) against rounds, epsilon on a second axis;
-    None without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        warnings.warn("matplotlib is not installed: no loss.png (pip install matplotlib)")
-        return None
-    fig, ax = plt.subplots(figsize=(7, 4))
-    train = [(m["round"], m["loss"]) for m in metrics if "loss" in m]
-    evals = [(m["round"], m["eval_loss"]) for m in metrics if "eval_loss" in m]
-    if train:
-        ax.plot(*zip(*train), lw=1, label="mean client train loss")
-    if evals:
-        ax.plot(*zip(*evals), "o-", label="global eval loss")
-    ax.set_xlabel("round")
-    ax.set_ylabel("cross-entropy (nats/token)")
-    ax.grid(alpha=0.3)
-    eps = [(m["round"], m["epsilon"]) for m in metrics if "epsilon" in m]
-    if eps:
-        ax2 = ax.twinx()
-        ax2.plot(*zip(*eps), "k--", lw=1, label="epsilon")
-        ax2.set_ylabel("epsilon")
-        ax2.legend(loc="upper right")
-    ax.legend(loc="upper left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
-__all__ = ["FederatedSimulation", "plot_rounds"]
+__all__ = ["FederatedSimulation"]

@@ -23,17 +23,16 @@ from typing import Any
 import torch
 from transformers import Trainer
 
-from ..optim.registry import available_optimizers, build_optimizer
+from ..optim.registry import available_optimizers, build_optimizer, optimizer_spec
 
 
 def _build(name: str, model: torch.nn.Module, kwargs: dict) -> torch.optim.Optimizer:
     if name not in available_optimizers():
         raise ValueError(f"unknown slimtrain optimizer {name!r}; known: {available_optimizers()}")
-    optimizer = build_optimizer(name, model, **kwargs)
-    if getattr(optimizer, "zeroth_order", False):
+    if optimizer_spec(name, **kwargs).zeroth_order:  # refused before anything is built
         raise ValueError(f"{name!r} is zeroth-order (step(closure) without backward); transformers.Trainer always "
                          "runs backward. Use `slimtrain train optim.name=...` instead")
-    return optimizer
+    return build_optimizer(name, model, **kwargs)
 
 
 class SlimtrainOptimizerFactory:

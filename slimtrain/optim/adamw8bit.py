@@ -14,6 +14,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from .validation import check_adam_args, check_8bit_args
+from .spec import OptimizerSpec
 from .state_dtypes import restore_state_dtypes
 from torch.optim.adamw import adamw as _torch_adamw
 
@@ -126,6 +127,8 @@ class AdamW8bit(Optimizer):
     running count per tensor is ``optimizer.state[p]["nonfinite_skipped"]`` and the total is
     :meth:`nonfinite_skipped`.
     """
+
+    spec = OptimizerSpec()  # whole-tensor state, backprop: nothing beyond a plain optimizer
 
     def __init__(
         self,

@@ -17,6 +17,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import projector as proj
+from .spec import OptimizerSpec
 from .state_dtypes import restore_state_dtypes
 
 # Keys a GaLore group may carry, with the values galore-torch's projector assumes when a
@@ -44,7 +45,31 @@ class GaLoreOptimizerBase(Optimizer):
     Subclasses define ``_update(p, low_grad, state, group)``: one tensor's step on the
     optimizer-space gradient, creating its moments on first use and advancing
     ``state["step"]`` (a float tensor, as in torch.optim).
+
+    Declared capabilities (:mod:`slimtrain.optim.spec`): needs whole matrices, offers the
+    layer-wise mode, shards by whole tensors, and implements
+    :class:`~slimtrain.optim.spec.LowRankStep` so data-parallel engines can sync projected
+    gradients without touching the state.
     """
+
+    # What every rank keeps for a projected tensor whose update another rank owns: the
+    # projector and the step count that decides when it is refreshed.
+    REPLICATED_STATE: tuple[str, ...] = ("proj_", "step")
+    SPLIT_STEP = False  # subclasses whose step splits into direction + apply say so
+
+    @classmethod
+    def spec_for(cls, layerwise: bool = False) -> OptimizerSpec:
+        """The spec of an instance built with ``layerwise`` (the registry declares it before building)."""
+        return OptimizerSpec(layerwise_capable=True, layerwise=bool(layerwise), whole_matrices=True,
+                             lowrank_grads=True, split_step=cls.SPLIT_STEP, replicated_state=cls.REPLICATED_STATE)
+
+    @property
+    def spec(self) -> OptimizerSpec:
+        return self.spec_for(self.layerwise)
+
+    def lowrank_step(self) -> "GaLoreOptimizerBase":
+        """The object implementing :class:`~slimtrain.optim.spec.LowRankStep`: this optimizer."""
+        return self
 
     def __init__(self, params, defaults: dict, *, layerwise: bool = False, accumulation_steps: int = 1):
         if not isinstance(accumulation_steps, int) or accumulation_steps < 1:
@@ -167,7 +192,7 @@ class GaLoreOptimizerBase(Optimizer):
         for key, value in (("proj_left", left), ("proj_right", right)):
             if value is not None:
                 state[key] = value
-        state["proj_refreshes"] = state.get("proj_refreshes", torch.tensor(0)) + 1
+        self.count_refresh(p)
 
     def to_optimizer_space(self, p: Tensor, grad: Tensor, group: dict) -> Tensor:
         """The gradient the moments see: projected for rank groups (refreshing if due)."""
@@ -223,6 +248,41 @@ class GaLoreOptimizerBase(Optimizer):
     def galore_params(self):
         """``(param, group)`` for every tensor in a group with ``rank``."""
         return [(p, g) for g in self.param_groups if "rank" in g for p in g["params"]]
+
+    lowrank_params = galore_params
+
+    @staticmethod
+    def is_projected(p: Tensor, group: dict) -> bool:
+        return "rank" in group and p.dim() >= 2
+
+    def projector_tensors(self, p: Tensor, group: dict) -> list[Tensor]:
+        """``p``'s projector tensors (left and/or right, allocated if missing), in a fixed order."""
+        state = self.state[p]
+        shape = tuple(proj.as_matrix(p).shape)
+        side = proj.projection_side(shape, group["proj_type"])
+        rank = proj.effective_rank(group["rank"], shape, side)
+        m, n = shape
+        out = []
+        if side in ("left", "full"):
+            out.append(state.setdefault("proj_left", torch.empty(m, rank, device=p.device)))
+        if side in ("right", "full"):
+            out.append(state.setdefault("proj_right", torch.empty(rank, n, device=p.device)))
+        return out
+
+    def count_refresh(self, p: Tensor) -> None:
+        state = self.state[p]
+        state["proj_refreshes"] = state.get("proj_refreshes", torch.tensor(0)) + 1
+
+    def pending_projected_grad(self, p: Tensor) -> Tensor | None:
+        return self.state.get(p, {}).get("grad_acc")
+
+    def skip_update(self, p: Tensor) -> None:
+        state = self.state[p]
+        state["step"] = state.get("step", torch.tensor(0.0)) + 1
+
+    def projectors(self) -> dict[Tensor, tuple[Tensor | None, Tensor | None]]:
+        return {p: (st.get("proj_left"), st.get("proj_right")) for p, st in self.state.items()
+                if "proj_left" in st or "proj_right" in st}
 
     def needs_refresh(self, p: Tensor) -> bool:
         """Whether the next step of ``p`` recomputes its projector (needs the full gradient)."""

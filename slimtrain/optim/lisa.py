@@ -12,6 +12,8 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from .spec import OptimizerSpec, spec_of
+
 
 def find_layer_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The model's stack of repeated blocks: the ``nn.ModuleList`` of same-class modules holding
@@ -178,6 +180,24 @@ class LISA(Optimizer):
     def active_layers(self) -> list[int]:
         """Indices (into the layer list) of the layers trained in the current period."""
         return self.active.tolist()
+
+    # ------------------------------------------------------------------ capabilities
+    @staticmethod
+    def spec_over(inner: OptimizerSpec) -> OptimizerSpec:
+        """LISA's spec over an inner optimizer with spec ``inner``: the inner optimizer's needs, but
+        never layer-wise (LISA steps after backward) and never zeroth-order (it needs gradients)."""
+        return inner.with_(layerwise_capable=False, layerwise=False)
+
+    @property
+    def spec(self) -> OptimizerSpec:
+        return self.spec_over(spec_of(self.optimizer))
+
+    def lowrank_step(self):
+        """The inner optimizer's :class:`~slimtrain.optim.spec.LowRankStep` (its spec says whether it has one)."""
+        return self.optimizer.lowrank_step()
+
+    def external_grads(self) -> list[Tensor]:
+        return self.optimizer.external_grads()
 
     # ------------------------------------------------------------------ optimizer API
     def step(self, closure=None):  # type: ignore[override]

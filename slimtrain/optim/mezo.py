@@ -38,6 +38,8 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from .spec import OptimizerSpec
+
 # Elements per chunk of noise / perturbation temporaries: the only transient memory of a
 # perturbation is a few chunks (z in fp32 plus the wide-dtype working copy).
 DEFAULT_CHUNK_SIZE = 1 << 16
@@ -340,7 +342,7 @@ class MeZO(Optimizer):
     the last step's seeds and projected gradients, all tensors.
 
     ``step(closure)`` requires a closure that returns the loss and never calls backward (a
-    trainer detects ``zeroth_order = True``). Pass ``model=`` so dropout is off during the
+    trainer reads ``spec.zeroth_order``). Pass ``model=`` so dropout is off during the
     two evaluations; otherwise the closure's own mode applies. Perturbation arithmetic is in
     fp32 whatever the parameter dtype, and the +eps / -eps / 0 walk is
     bit-exact (module docstring). All ranks that build the optimizer with the same ``seed``
@@ -348,7 +350,8 @@ class MeZO(Optimizer):
     every rank for data parallel training.
     """
 
-    zeroth_order = True
+    # no backward: the engine calls step(closure); no per-parameter state to shard
+    spec = OptimizerSpec(zeroth_order=True, sharding="none")
 
     def __init__(
         self,

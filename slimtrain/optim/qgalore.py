@@ -9,13 +9,13 @@ from __future__ import annotations
 from typing import Any, Callable, Iterable
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import kernels
 from . import projector as proj
 from .galore_adamw8bit import GaLoreAdamW8bit
+from .spec import OptimizerSpec
 
 # Attributes a quantized weight (an int8 nn.Parameter) carries: its group scales (the module's
 # buffer, so they travel in model.state_dict()), its group size, and the fp32 gradient that
@@ -150,11 +150,20 @@ class QGaLoreAdamW8bit(GaLoreAdamW8bit):
     moments ``2 m r (1 + 4/256)``, projector ``r n (1/2 + 8/proj_group_size)``; plus one
     transient fp32 copy of the weight being updated. Other tensors: AdamW8bit.
 
-    Data parallel: with ``torch.distributed`` initialised, the fp32 gradients of the INT8
-    weights (which DDP does not see: they are not ``requires_grad`` parameters) are averaged
-    across ranks in :meth:`step`; other gradients are left to DDP. Layer-wise mode is not
-    supported (the INT8 weight gradient is not a ``.grad`` that hooks see).
+    Data parallel: the fp32 gradients of the INT8 weights are not ``.grad`` of a
+    ``requires_grad`` parameter, so DDP does not see them; :meth:`external_grads` lists them and
+    the engine averages them (slimtrain's :class:`~slimtrain.parallel.DataParallelOptimizer`
+    does; with your own DDP, average them yourself before :meth:`step`). The optimizer itself
+    never communicates. Layer-wise mode is not supported (the INT8 weight gradient is not a
+    ``.grad`` that hooks see), and state is not sharded (stage 0 only).
     """
+
+    REPLICATED_STATE = ("proj_", "step", "next_refresh", "sim_")
+
+    @classmethod
+    def spec_for(cls, layerwise: bool = False) -> OptimizerSpec:
+        return OptimizerSpec(whole_matrices=True, sharding="none", rewrites_model=True, external_grads=True,
+                             replicated_state=cls.REPLICATED_STATE)
 
     def __init__(
         self,
@@ -173,7 +182,6 @@ class QGaLoreAdamW8bit(GaLoreAdamW8bit):
         proj_group_size: int = 128,
         block_size: int = kernels.DEFAULT_BLOCK,
         backend: str | None = None,
-        allreduce_grads: bool = True,
     ):
         if not 0.0 <= cos_threshold <= 1.0:
             raise ValueError(f"cos_threshold={cos_threshold!r} must lie in [0, 1]")
@@ -187,7 +195,6 @@ class QGaLoreAdamW8bit(GaLoreAdamW8bit):
             raise ValueError(f"proj_group_size={proj_group_size!r} must be a power of two >= 2")
         self._qgalore = dict(cos_threshold=cos_threshold, queue_size=queue_size, gap_growth=gap_growth,
                              max_proj_gap=max_proj_gap, proj_group_size=proj_group_size)
-        self.allreduce_grads = allreduce_grads
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias,
                          min_8bit_size=min_8bit_size, block_size=block_size, backend=backend)
 
@@ -287,18 +294,11 @@ class QGaLoreAdamW8bit(GaLoreAdamW8bit):
         scales.copy_(new_scales)
 
     # ------------------------------------------------------------------ step
-    def _allreduce_float_grads(self) -> None:
-        if not (self.allreduce_grads and dist.is_available() and dist.is_initialized()):
-            return
-        world = dist.get_world_size()
-        if world == 1:
-            return
-        for group in self.param_groups:
-            for p in group["params"]:
-                g = getattr(p, GRAD_ATTR, None)
-                if p.dtype == torch.int8 and g is not None:
-                    dist.all_reduce(g)
-                    g.div_(world)
+    def external_grads(self) -> list[Tensor]:
+        """The gradients kept outside ``.grad`` (the fp32 gradients of the INT8 weights), for a
+        data-parallel engine to average before :meth:`step`."""
+        return [g for group in self.param_groups for p in group["params"]
+                if p.dtype == torch.int8 and (g := getattr(p, GRAD_ATTR, None)) is not None]
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None):
@@ -308,7 +308,6 @@ class QGaLoreAdamW8bit(GaLoreAdamW8bit):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._allreduce_float_grads()
         for group in self.param_groups:
             for p in group["params"]:
                 grad = _grad_of(p)

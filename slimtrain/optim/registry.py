@@ -1,13 +1,17 @@
-"""Optimizers by name: an explicit dict from name to factory, for the trainer and the CLI.
+"""Optimizers by name: an explicit dict from name to entry, for the trainer and the CLI.
 
-A factory takes ``(model, **kwargs)`` and returns an optimizer; model-aware factories (GaLore
+An entry is a factory plus the capabilities of what it builds (:mod:`slimtrain.optim.spec`). A
+factory takes ``(model, **kwargs)`` and returns an optimizer; model-aware factories (GaLore
 builds its groups from module names) need the model, plain ones use ``model.parameters()``.
+The spec is known before building (:func:`optimizer_spec`), so a trainer or a federated server
+can choose its engine, or refuse a combination, without building a throwaway optimizer.
 Reference baselines that live in optional packages register only when those import.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Union
 
 import torch
 from torch import nn
@@ -20,8 +24,22 @@ from .lisa import LISA
 from .mezo import MeZO, SparseMeZO, zo_param_groups
 from .param_groups import galore_param_groups
 from .qgalore import QGaLoreAdamW8bit, qgalore_param_groups, quantize_weights
+from .spec import PLAIN, OptimizerSpec
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
+# A spec, or a function of the factory's keyword arguments (``layerwise=True``, LISA's ``inner``).
+SpecRule = Union[OptimizerSpec, Callable[[dict], OptimizerSpec]]
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A registered optimizer: how to build it and what it can do."""
+
+    build: OptimizerFactory
+    spec: SpecRule = PLAIN
+
+    def spec_for(self, kwargs: dict) -> OptimizerSpec:
+        return self.spec(kwargs) if callable(self.spec) else self.spec
 
 _GALORE_KEYS = ("target_modules", "rank", "update_proj_gap", "scale", "proj_type", "proj_method",
                 "oversample", "power_iters", "proj_seed", "max_grad_norm")
@@ -58,6 +76,19 @@ def _zeroth_order(cls) -> OptimizerFactory:
     return build
 
 
+def _galore_spec(cls) -> SpecRule:
+    return lambda kwargs: cls.spec_for(layerwise=kwargs.get("layerwise", False))
+
+
+def _lisa_spec(kwargs: dict) -> OptimizerSpec:
+    inner = kwargs.get("inner", "adamw")
+    inner_kwargs = {k: v for k, v in kwargs.items() if k not in ("inner", "n_active", "interval", "always_active",
+                                                                  "layers", "seed")}
+    if inner in OPTIMIZERS and optimizer_spec(inner, **inner_kwargs).zeroth_order:
+        return OptimizerSpec(zeroth_order=True)  # refused when built; the spec only has to be honest
+    return LISA.spec_over(optimizer_spec(inner, **inner_kwargs) if inner in OPTIMIZERS else PLAIN)
+
+
 def _lisa(model: nn.Module, inner: str = "adamw", n_active: int = 2, interval: int = 20, always_active=None,
           layers=None, seed: int = 0, **inner_kwargs) -> LISA:
     """LISA over the registry optimizer ``inner``, built (before any freezing) with ``inner_kwargs``."""
@@ -79,16 +110,16 @@ def _qgalore(model: nn.Module, weight_bits: int = 8, weight_group_size: int = 25
     return QGaLoreAdamW8bit(qgalore_param_groups(model, **galore), **rest)
 
 
-OPTIMIZERS: dict[str, OptimizerFactory] = {
-    "adamw": _plain(torch.optim.AdamW),
-    "galore_adamw": _galore_factory(GaLoreAdamW),
-    "galore_adafactor": _galore_factory(GaLoreAdafactor),
-    "adamw8bit": _plain(AdamW8bit),
-    "galore_adamw8bit": _galore_factory(GaLoreAdamW8bit),
-    "qgalore_adamw8bit": _qgalore,
-    "mezo": _zeroth_order(MeZO),
-    "sparse_mezo": _zeroth_order(SparseMeZO),
-    "lisa": _lisa,
+OPTIMIZERS: dict[str, Entry] = {
+    "adamw": Entry(_plain(torch.optim.AdamW)),
+    "galore_adamw": Entry(_galore_factory(GaLoreAdamW), _galore_spec(GaLoreAdamW)),
+    "galore_adafactor": Entry(_galore_factory(GaLoreAdafactor), _galore_spec(GaLoreAdafactor)),
+    "adamw8bit": Entry(_plain(AdamW8bit), AdamW8bit.spec),
+    "galore_adamw8bit": Entry(_galore_factory(GaLoreAdamW8bit), _galore_spec(GaLoreAdamW8bit)),
+    "qgalore_adamw8bit": Entry(_qgalore, QGaLoreAdamW8bit.spec_for()),
+    "mezo": Entry(_zeroth_order(MeZO), MeZO.spec),
+    "sparse_mezo": Entry(_zeroth_order(SparseMeZO), SparseMeZO.spec),
+    "lisa": Entry(_lisa, _lisa_spec),
 }
 
 
@@ -96,31 +127,42 @@ def _register_optional_baselines() -> None:
     try:
         import bitsandbytes as bnb  # noqa: F401
 
-        OPTIMIZERS["bnb_adamw8bit"] = _plain(bnb.optim.AdamW8bit)
+        OPTIMIZERS.setdefault("bnb_adamw8bit", Entry(_plain(bnb.optim.AdamW8bit)))
     except Exception:  # not installed, or no usable backend on this machine
         pass
     try:
         import galore_torch
 
-        OPTIMIZERS["galore_torch_adamw"] = _galore_factory(galore_torch.GaLoreAdamW)
+        # galore-torch declares nothing, but it projects matrices: no flat ZeRO partitions
+        OPTIMIZERS.setdefault("galore_torch_adamw", Entry(_galore_factory(galore_torch.GaLoreAdamW),
+                                                          OptimizerSpec(whole_matrices=True)))
     except Exception:
         pass
 
 
-def register(name: str, factory: OptimizerFactory) -> None:
-    """Add an optimizer under ``name`` (refuses to silently replace an existing one)."""
+def register(name: str, factory: OptimizerFactory, spec: SpecRule = PLAIN) -> None:
+    """Add an optimizer under ``name`` with what it can do (refuses to silently replace one)."""
     if name in OPTIMIZERS:
         raise ValueError(f"optimizer {name!r} is already registered")
-    OPTIMIZERS[name] = factory
+    OPTIMIZERS[name] = Entry(factory, spec)
 
 
-def build_optimizer(name: str, model: nn.Module, **kwargs) -> torch.optim.Optimizer:
-    """Build optimizer ``name`` for ``model``; unknown names list the known ones."""
+def _entry(name: str) -> Entry:
     if name not in OPTIMIZERS:
         _register_optional_baselines()
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; known: {sorted(OPTIMIZERS)}")
-    return OPTIMIZERS[name](model, **kwargs)
+    return OPTIMIZERS[name]
+
+
+def build_optimizer(name: str, model: nn.Module, **kwargs) -> torch.optim.Optimizer:
+    """Build optimizer ``name`` for ``model``; unknown names list the known ones."""
+    return _entry(name).build(model, **kwargs)
+
+
+def optimizer_spec(name: str, **kwargs) -> OptimizerSpec:
+    """What optimizer ``name`` built with ``kwargs`` can do, without building it."""
+    return _entry(name).spec_for(kwargs)
 
 
 def available_optimizers() -> list[str]:

@@ -21,7 +21,7 @@ Per step, after backward on every rank:
 3. :meth:`step`: the wrapped optimizer updates the tensors this rank owns (it skips the
    others: their gradients were freed, so it never creates state for them), then every
    updated tensor is broadcast from its owner, bucketed per owner. For a GaLore matrix whose
-   optimizer can split its step (``lowrank_direction`` / ``apply_lowrank_direction``:
+   optimizer can split its step (spec `split_step`: ``lowrank_direction`` / ``apply_lowrank_direction``,
    GaLoreAdamW) the owner broadcasts the low-rank *direction* (r x n) instead of the (m x n)
    weight and every rank applies it with its replicated projector and step counter, so the
    weight travels neither as a gradient nor as a parameter: both directions of a sharded
@@ -38,22 +38,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..optim.galore_base import GaLoreOptimizerBase
+from ..optim.spec import OptimizerSpec, lowrank_step_of, per_parameter_state, spec_of
 from .comm import Comm, all_reduce_bucketed
 from .lowrank_sync import broadcast_projector
 from .sharded import assign_owners
-
-# State a rank keeps for a GaLore matrix it does not own: the projector and the bookkeeping
-# that decides when it is refreshed (so every rank agrees on refresh steps without talking).
-_REPLICATED_PREFIXES = ("proj_", "step", "next_refresh", "sim_")
-
-
-def galore_optimizer_of(optimizer) -> GaLoreOptimizerBase | None:
-    """The GaLore-family optimizer inside ``optimizer`` (itself, or LISA's inner one)."""
-    if isinstance(optimizer, GaLoreOptimizerBase):
-        return optimizer
-    inner = getattr(optimizer, "optimizer", None)
-    return inner if isinstance(inner, GaLoreOptimizerBase) else None
 
 
 def _reduce_bucketed(comm: Comm, tensors: list[Tensor], dst: int, bucket_bytes: int) -> None:
@@ -109,18 +97,26 @@ class DataParallelOptimizer:
     """
 
     def __init__(self, optimizer, *, zero_stage: int = 0, lowrank: bool = True, comm: Comm | None = None,
-                 bucket_bytes: int = 25 * 2**20):
+                 bucket_bytes: int = 25 * 2**20, spec: OptimizerSpec | None = None):
         if zero_stage not in (0, 1, 2):
             raise ValueError(f"zero_stage={zero_stage!r}: slimtrain's data parallelism covers stages 0, 1 and 2 "
                              "(stage 3 shards parameters; see docs/distributed.md)")
+        self.spec = spec if spec is not None else spec_of(optimizer)
+        if self.spec.layerwise:
+            raise ValueError("a layer-wise optimizer updates inside backward; give it a gradient reducer "
+                             "(optimizer.grad_reducer) instead of wrapping it")
+        if self.spec.zeroth_order:
+            raise ValueError("a zeroth-order optimizer has no gradients to synchronise; average its loss over ranks "
+                             "inside the closure instead")
+        if zero_stage > 0 and self.spec.sharding == "none":
+            raise ValueError(f"zero_stage={zero_stage}: {type(optimizer).__name__} declares that its state cannot be "
+                             "sharded; use zero_stage=0")
         self.optimizer = optimizer
         self.comm = comm or Comm()
         self.zero_stage = zero_stage
         self.bucket_bytes = bucket_bytes
-        self.galore = galore_optimizer_of(optimizer) if lowrank else None
-        if self.galore is not None and self.galore.layerwise:
-            raise ValueError("a layer-wise GaLore optimizer updates inside backward; give it a gradient reducer "
-                             "(optimizer.grad_reducer) instead of wrapping it")
+        # the optimizer's low-rank interface, when it has one and low-rank sync is wanted
+        self.galore = lowrank_step_of(optimizer) if lowrank else None
         self.entries: list[tuple[Tensor, dict]] = [(p, g) for g in optimizer.param_groups for p in g["params"]]
         world = self.comm.world_size
         balanced = [o for own in assign_owners(optimizer.param_groups, world) for o in own]
@@ -133,15 +129,14 @@ class DataParallelOptimizer:
         self._updated: list[tuple[Tensor, int | None]] = []
         # GaLore matrices whose direction (not weight) is broadcast: p -> (owner, low-rank buffer)
         self._directions: dict[Tensor, tuple[int, Tensor]] = {}
-        self.split_step = (self.galore is not None and any(o is not None for o in self.owners)
-                           and hasattr(self.galore, "lowrank_direction"))
+        self.split_step = self.galore is not None and self.sharded and self.spec.split_step
 
     # ------------------------------------------------------------------ ownership
     def _mine(self, owner: int | None) -> bool:
         return owner is None or owner == self.comm.rank
 
     def _is_galore(self, p: Tensor, group: dict) -> bool:
-        return self.galore is not None and "rank" in group and p.dim() >= 2
+        return self.galore is not None and self.galore.is_projected(p, group)
 
     # ------------------------------------------------------------------ gradients
     @torch.no_grad()
@@ -149,6 +144,9 @@ class DataParallelOptimizer:
         comm, world = self.comm, self.comm.world_size
         self._updated = []
         self._directions = {}
+        if self.spec.external_grads:  # gradients outside .grad (INT8 weights): averaged like any other
+            external = self.optimizer.external_grads()
+            all_reduce_bucketed(comm, external, self.bucket_bytes)
         refresh, low, plain = [], [], []  # (p, group, owner[, tensor])
         for (p, group), owner in zip(self.entries, self.owners):
             if p.grad is None:
@@ -207,8 +205,8 @@ class DataParallelOptimizer:
                 continue
             if p in self._directions:
                 out.append(self._directions[p][1])
-            elif self._is_galore(p, group) and "grad_acc" in self.galore.state.get(p, {}):
-                out.append(self.galore.state[p]["grad_acc"])
+            elif self._is_galore(p, group) and self.galore.pending_projected_grad(p) is not None:
+                out.append(self.galore.pending_projected_grad(p))
             elif p.grad is not None:
                 out.append(p.grad)
         return out
@@ -245,8 +243,7 @@ class DataParallelOptimizer:
             if owner != me and self._is_galore(p, self._group(p)):
                 # the owner advanced its step counter inside the update; keep ours in lockstep so
                 # every rank agrees on the next refresh step
-                state = self.galore.state[p]
-                state["step"] = state.get("step", torch.tensor(0.0)) + 1
+                self.galore.skip_update(p)
         for src in range(self.comm.world_size):
             _broadcast_bucketed(self.comm, [p.data for p, owner in self._updated
                                             if owner == src and p not in self._directions], src, self.bucket_bytes)
@@ -262,8 +259,7 @@ class DataParallelOptimizer:
             if owner == me:
                 buf.copy_(galore.lowrank_direction(p, buf))
             else:
-                state = galore.state[p]
-                state["step"] = state.get("step", torch.tensor(0.0)) + 1  # the owner's advanced in the step
+                galore.skip_update(p)  # the owner's step counter advanced in lowrank_direction
         for src in range(self.comm.world_size):
             _broadcast_bucketed(self.comm, [buf for owner, buf in self._directions.values() if owner == src], src,
                                 self.bucket_bytes)
@@ -282,7 +278,7 @@ class DataParallelOptimizer:
     # ------------------------------------------------------------------ state
     def state_bytes(self) -> int:
         """Bytes of optimizer state this rank holds."""
-        state = getattr(self.optimizer, "state", {})
+        state = self.optimizer.state
         return sum(v.numel() * v.element_size() for s in state.values() for v in s.values() if isinstance(v, Tensor))
 
     @property
@@ -309,21 +305,16 @@ class DataParallelOptimizer:
             self.optimizer.load_state_dict(states[self.comm.rank]["optimizer"])
             return
         merged = merge_sharded_states(states)
-        inner = _torch_state(merged)
+        per_param = per_parameter_state(merged)
+        keep = self.spec.replicated_state
         for index, owner in enumerate(self.owners):
-            if index in inner["state"] and not self._mine(owner):
+            if index in per_param and not self._mine(owner):
                 p, group = self.entries[index]
                 if self._is_galore(p, group):
-                    inner["state"][index] = {k: v for k, v in inner["state"][index].items()
-                                             if k.startswith(_REPLICATED_PREFIXES)}
+                    per_param[index] = {k: v for k, v in per_param[index].items() if k.startswith(keep)}
                 else:
-                    del inner["state"][index]
+                    del per_param[index]
         self.optimizer.load_state_dict(merged)
-
-
-def _torch_state(sd: dict) -> dict:
-    """The torch.optim-style part (``state`` + ``param_groups``) of a state dict (LISA nests it)."""
-    return sd if "state" in sd and "param_groups" in sd else sd["optimizer"]
 
 
 def merge_sharded_states(states: list[dict]) -> dict:
@@ -331,15 +322,15 @@ def merge_sharded_states(states: list[dict]) -> dict:
     import copy
 
     base = copy.deepcopy(states[0]["optimizer"])
-    full = _torch_state(base)
+    full = per_parameter_state(base)
     owners = states[0]["owners"].tolist()
     for index, owner in enumerate(owners):
-        src = _torch_state(states[max(owner, 0)]["optimizer"])["state"]
+        src = per_parameter_state(states[max(owner, 0)]["optimizer"])
         if index in src:
-            full["state"][index] = src[index]
+            full[index] = src[index]
         else:
-            full["state"].pop(index, None)
+            full.pop(index, None)
     return base
 
 
-__all__ = ["DataParallelOptimizer", "merge_sharded_states", "galore_optimizer_of"]
+__all__ = ["DataParallelOptimizer", "merge_sharded_states"]

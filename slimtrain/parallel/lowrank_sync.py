@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..optim.galore_base import GaLoreOptimizerBase
+from ..optim.spec import LowRankStep, lowrank_step_of, spec_of
 from .comm import Comm, all_reduce_bucketed
 
 
@@ -25,22 +25,25 @@ class LowRankGradSync:
     process with batch ``N b``). ``comm.bytes`` counts what was sent.
     """
 
-    def __init__(self, optimizer: GaLoreOptimizerBase, comm: Comm | None = None, bucket_bytes: int = 25 * 2**20):
-        if not isinstance(optimizer, GaLoreOptimizerBase):
+    def __init__(self, optimizer, comm: Comm | None = None, bucket_bytes: int = 25 * 2**20):
+        spec = spec_of(optimizer)
+        if not spec.lowrank_grads:
             raise TypeError(
-                f"LowRankGradSync needs a GaLore-family optimizer, got {type(optimizer).__name__}; "
-                "plain optimizers use ordinary all-reduce (torch DDP or DeepSpeed)"
+                f"LowRankGradSync needs an optimizer whose gradients can travel projected (a GaLore-family "
+                f"optimizer), got {type(optimizer).__name__}; plain optimizers use ordinary all-reduce "
+                "(torch DDP or DeepSpeed)"
             )
-        if optimizer.layerwise:
+        if spec.layerwise:
             raise ValueError("LowRankGradSync steps the optimizer after backward; build it with layerwise=False")
         self.optimizer = optimizer
+        self.lowrank = lowrank_step_of(optimizer)
         self.comm = comm or Comm()
         self.bucket_bytes = bucket_bytes
 
     @torch.no_grad()
     def sync(self) -> None:
-        opt, comm, world = self.optimizer, self.comm, self.comm.world_size
-        galore = opt.galore_params()
+        opt, low_opt, comm = self.optimizer, self.lowrank, self.comm
+        galore = low_opt.lowrank_params()
         galore_ids = {id(p) for p, _ in galore}
         full: list[Tensor] = []  # gradients that travel whole
         refresh: list[tuple[Tensor, dict]] = []
@@ -48,39 +51,28 @@ class LowRankGradSync:
         for p, group in galore:
             if p.grad is None:
                 continue
-            if opt.needs_refresh(p):
+            if low_opt.needs_refresh(p):
                 full.append(p.grad)
                 refresh.append((p, group))
             else:
-                low.append((p, opt.project_grad(p, p.grad)))
+                low.append((p, low_opt.project_grad(p, p.grad)))
         full += [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None and id(p) not in galore_ids]
         all_reduce_bucketed(comm, full, self.bucket_bytes)
         all_reduce_bucketed(comm, [t for _, t in low], self.bucket_bytes)
         for p, group in refresh:
             if comm.rank == 0:
-                opt.refresh_projector(p, p.grad, group)
-            broadcast_projector(opt, p, group, comm, src=0)
-            low.append((p, opt.project_grad(p, p.grad)))
+                low_opt.refresh_projector(p, p.grad, group)
+            broadcast_projector(low_opt, p, group, comm, src=0)
+            low.append((p, low_opt.project_grad(p, p.grad)))
         for p, low_grad in low:
-            opt.set_projected_grad(p, low_grad)
+            low_opt.set_projected_grad(p, low_grad)
             p.grad = None  # the full gradient is no longer needed
 
 
-def broadcast_projector(opt: GaLoreOptimizerBase, p: Tensor, group: dict, comm: Comm, src: int) -> None:
+def broadcast_projector(opt: LowRankStep, p: Tensor, group: dict, comm: Comm, src: int) -> None:
     """Send ``p``'s projector from rank ``src`` (which just refreshed it) to every rank; the
     receivers also count the refresh, so per-tensor bookkeeping is identical everywhere."""
-    from ..optim import projector as proj
-
-    state = opt.state[p]
     if comm.rank != src:
-        state["proj_refreshes"] = state.get("proj_refreshes", torch.tensor(0)) + 1
-    shape = tuple(proj.as_matrix(p).shape)
-    side = proj.projection_side(shape, group["proj_type"])
-    rank = proj.effective_rank(group["rank"], shape, side)
-    m, n = shape
-    if side in ("left", "full"):
-        state.setdefault("proj_left", torch.empty(m, rank, device=p.device))
-        comm.broadcast(state["proj_left"], src=src)
-    if side in ("right", "full"):
-        state.setdefault("proj_right", torch.empty(rank, n, device=p.device))
-        comm.broadcast(state["proj_right"], src=src)
+        opt.count_refresh(p)
+    for t in opt.projector_tensors(p, group):
+        comm.broadcast(t, src=src)

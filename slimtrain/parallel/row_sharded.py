@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from slimtrain.optim import projector as proj
-from slimtrain.optim.galore_adamw import adam_direction, apply_direction
+from slimtrain.optim.galore_adamw import galore_adamw_right_step
 
 from .comm import Comm
 
@@ -122,9 +122,9 @@ def row_sharded_galore_adamw_step(
 ) -> None:
     """One GaLore-AdamW step (``proj_type="right"``) of this rank's rows of an (m, n) matrix.
 
-    ``state`` uses ``GaLoreAdamW``'s keys (``step``, ``proj_right``, ``exp_avg``,
-    ``exp_avg_sq``): the projector is replicated (r, n), the moments are this rank's rows
-    (m/N, r) of the unsharded optimizer's moments. The refresh rule and the probe seed
+    ``state`` is ``GaLoreAdamW``'s per-tensor state (kept by
+    :func:`slimtrain.optim.galore_adamw.galore_adamw_right_step`): the projector is replicated
+    (r, n), the moments are this rank's rows (m/N, r) of the unsharded optimizer's moments. The refresh rule and the probe seed
     (``projector_seed(proj_seed, param_index, step)``) are ``GaLoreAdamW``'s with
     ``proj_method="randomized"``. Collectives: on a refresh step those of
     :func:`distributed_right_projector`, on every other step none.
@@ -133,28 +133,12 @@ def row_sharded_galore_adamw_step(
     a scalar all-reduce) and left / two-sided projectors (``G`` multiplied from the left mixes
     rows of every rank).
     """
-    step = int(state["step"]) if "step" in state else 0
-    if "step" not in state or step % update_proj_gap == 0 or "proj_right" not in state:
-        n = proj.as_matrix(param_rows).shape[1]
-        r = min(rank, n)  # GaLoreAdamW's clamp for a right projector
-        seed = proj.projector_seed(proj_seed, param_index, step)  # GaLoreAdamW's randomized-refresh seed
-        p = distributed_right_projector(grad_rows, r, comm, oversample=oversample, power_iters=power_iters,
-                                        seed=seed)
-        if p is not None:
-            state["proj_right"] = p
-        elif "proj_right" not in state:  # never computed: start from coordinates, as GaLoreAdamW does
-            state["proj_right"] = proj.fallback_projector((n, n), r, "right", grad_rows.device)[1]
-    right = state["proj_right"]
-    low = proj.project(grad_rows, None, right)  # (m/N, r): rows k of G P^T
-    if "exp_avg" not in state:
-        state["exp_avg"] = torch.zeros_like(low)
-        state["exp_avg_sq"] = torch.zeros_like(low)
-    state.setdefault("step", torch.tensor(0.0))
-    beta1, beta2 = betas
-    direction = adam_direction(low, state["exp_avg"], state["exp_avg_sq"], state["step"], beta1=beta1, beta2=beta2,
-                               eps=eps)
-    apply_direction(param_rows, direction, None, right, float(state["step"]), lr=lr, beta1=beta1, beta2=beta2,
-                    weight_decay=weight_decay, correct_bias=correct_bias, scale=scale)
+    def refresh(grad: Tensor, r: int, seed: int) -> Tensor | None:
+        return distributed_right_projector(grad, r, comm, oversample=oversample, power_iters=power_iters, seed=seed)
+
+    galore_adamw_right_step(param_rows, grad_rows, state, refresh, rank=rank, update_proj_gap=update_proj_gap, lr=lr,
+                            betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias, scale=scale,
+                            proj_seed=proj_seed, param_index=param_index)
 
 
 __all__ = ["distributed_right_projector", "row_sharded_galore_adamw_step", "refresh_bytes", "sketch_width"]

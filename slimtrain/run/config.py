@@ -23,7 +23,8 @@ class ConfigError(ValueError):
     """A bad configuration key or value; the message names the key, the value and the fix."""
 
 
-def _f(default, help: str, choices: tuple | None = None, **kw):
+def setting(default, help: str, choices: tuple | None = None, **kw):
+    """A config dataclass field with its help text (printed by ``--help-config``) and choices."""
     meta = {"help": help}
     if choices is not None:
         meta["choices"] = choices
@@ -32,123 +33,131 @@ def _f(default, help: str, choices: tuple | None = None, **kw):
     return field(default=default, metadata=meta, **kw)
 
 
-def _check(cond: bool, key: str, value, need: str) -> None:
+def require(cond: bool, key: str, value, need: str) -> None:
+    """Raise :class:`ConfigError` naming ``key``, its ``value`` and what it ``need``s unless ``cond``."""
     if not cond:
         raise ConfigError(f"{key}={value!r}: {need}")
 
 
 @dataclass
 class ModelConfig:
-    name: str = _f("llama-20m", "a preset (llama-20m, llama-60m, llama-130m, llama-350m, llama-1b, llama-7b: "
+    name: str = setting("llama-20m", "a preset (llama-20m, llama-60m, llama-130m, llama-350m, llama-1b, llama-7b: "
                    "the GaLore paper's Llama shapes, vocabulary from the tokenizer) or a local Hugging Face "
                    "model directory / config.json (weights are loaded when the directory has them)")
-    dtype: str = _f("float32", "parameter dtype; bf16 weights need an optimizer that keeps fp32 state",
+    dtype: str = setting("float32", "parameter dtype; bf16 weights need an optimizer that keeps fp32 state",
                     choices=("float32", "bfloat16"))
-    activation_checkpointing: bool = _f(False, "recompute decoder layers in backward (less memory, ~30% slower)")
-    max_position_embeddings: int = _f(0, "override the preset's context length (0: max(preset, data.seq_len))")
+    activation_checkpointing: bool = setting(False, "recompute decoder layers in backward (less memory, ~30% slower)")
+    max_position_embeddings: int = setting(0, "override the preset's context length (0: max(preset, data.seq_len))")
 
     def __post_init__(self):
-        _check(bool(self.name), "model.name", self.name, "give a preset name or a model directory")
-        _check(self.max_position_embeddings >= 0, "model.max_position_embeddings", self.max_position_embeddings,
+        require(bool(self.name), "model.name", self.name, "give a preset name or a model directory")
+        require(self.max_position_embeddings >= 0, "model.max_position_embeddings", self.max_position_embeddings,
                "must be >= 0")
 
 
 @dataclass
 class DataConfig:
-    files: list = _f([], "local text / .jsonl / .json / .parquet files (globs allowed); empty: the built-in "
+    files: list = setting([], "local text / .jsonl / .json / .parquet files (globs allowed); empty: the built-in "
                      "English corpus (Python's own documentation, read from pydoc_data at run time)")
-    format: str = _f("auto", "file format; auto picks it from the first file's extension",
+    format: str = setting("auto", "file format; auto picks it from the first file's extension",
                      choices=("auto", "text", "json", "parquet"))
-    text_field: str = _f("text", "the column holding the text in json / parquet files")
-    tokenizer: str = _f("byte", "'byte' (built-in byte-level tokenizer, 256 bytes + <eos>, no download) or a "
+    text_field: str = setting("text", "the column holding the text in json / parquet files")
+    tokenizer: str = setting("byte", "'byte' (built-in byte-level tokenizer, 256 bytes + <eos>, no download) or a "
                         "local Hugging Face tokenizer directory")
-    seq_len: int = _f(128, "tokens per training block; documents are joined with <eos> and packed")
-    eval_fraction: float = _f(0.05, "share of documents held out for evaluation (at least one document)")
-    max_eval_blocks: int = _f(64, "evaluate on at most this many held-out blocks")
+    seq_len: int = setting(128, "tokens per training block; documents are joined with <eos> and packed")
+    eval_fraction: float = setting(0.05, "share of documents held out for evaluation (at least one document)")
+    max_eval_blocks: int = setting(64, "evaluate on at most this many held-out blocks")
 
     def __post_init__(self):
         if isinstance(self.files, str):
             self.files = [self.files]
-        _check(all(isinstance(f, str) for f in self.files), "data.files", self.files, "must be a list of paths")
-        _check(self.seq_len >= 2, "data.seq_len", self.seq_len, "must be >= 2")
-        _check(0.0 < self.eval_fraction < 1.0, "data.eval_fraction", self.eval_fraction,
+        require(all(isinstance(f, str) for f in self.files), "data.files", self.files, "must be a list of paths")
+        require(self.seq_len >= 2, "data.seq_len", self.seq_len, "must be >= 2")
+        require(0.0 < self.eval_fraction < 1.0, "data.eval_fraction", self.eval_fraction,
                "must be strictly between 0 and 1 (e.g. 0.05)")
-        _check(self.max_eval_blocks >= 1, "data.max_eval_blocks", self.max_eval_blocks, "must be >= 1")
+        require(self.max_eval_blocks >= 1, "data.max_eval_blocks", self.max_eval_blocks, "must be >= 1")
 
 
 @dataclass
 class OptimConfig:
-    name: str = _f("adamw", "optimizer name from slimtrain.optim.registry (validated against "
+    name: str = setting("adamw", "optimizer name from slimtrain.optim.registry (validated against "
                    "available_optimizers(); e.g. adamw, galore_adamw, galore_adafactor, bnb_adamw8bit)")
-    lr: float = _f(2e-3, "peak learning rate (after warmup)")
-    weight_decay: float = _f(0.0, "decoupled weight decay")
-    args: dict = _f({}, "extra keyword arguments for the optimizer factory, e.g. optim.args.rank=64 "
+    lr: float = setting(2e-3, "peak learning rate (after warmup)")
+    weight_decay: float = setting(0.0, "decoupled weight decay")
+    args: dict = setting({}, "extra keyword arguments for the optimizer factory, e.g. optim.args.rank=64 "
                     "optim.args.update_proj_gap=50 optim.args.betas=[0.9,0.95]")
 
     def __post_init__(self):
-        _check(self.lr > 0 and math.isfinite(self.lr), "optim.lr", self.lr, "must be a positive number")
-        _check(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "must be >= 0")
+        require(self.lr > 0 and math.isfinite(self.lr), "optim.lr", self.lr, "must be a positive number")
+        require(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "must be >= 0")
+
+
+def optimizer_kwargs(optim: OptimConfig) -> dict:
+    """The keyword arguments a registry factory gets for ``optim``: the learning rate, the
+    weight decay and ``optim.args`` (which win). One function for every kind of run, so the
+    trainer and the federated clients cannot read the optim section differently."""
+    return {"lr": optim.lr, "weight_decay": optim.weight_decay, **optim.args}
 
 
 @dataclass
 class TrainConfig:
-    steps: int = _f(150, "optimizer steps")
-    batch_size: int = _f(8, "sequences per micro-batch per rank")
-    grad_accum: int = _f(1, "micro-batches per optimizer step (global batch = batch_size * grad_accum * ranks)")
-    warmup_steps: int = _f(10, "linear warmup steps")
-    min_lr_ratio: float = _f(0.1, "cosine decays to lr * min_lr_ratio at the last step")
-    max_grad_norm: float = _f(1.0, "global gradient-norm clipping (0: off; never used by zeroth-order optimizers)")
-    bf16: bool = _f(False, "bf16 autocast for forward/backward (fp32 parameters and optimizer)")
-    seed: int = _f(0, "seeds model init, data order and every RNG")
-    eval_every: int = _f(100, "evaluate every N steps (0: only at the end)")
-    log_every: int = _f(1, "write a metrics line every N steps")
-    nan_policy: str = _f("stop", "on a non-finite loss: stop (naming the checkpoint to resume from) or skip the "
+    steps: int = setting(150, "optimizer steps")
+    batch_size: int = setting(8, "sequences per micro-batch per rank")
+    grad_accum: int = setting(1, "micro-batches per optimizer step (global batch = batch_size * grad_accum * ranks)")
+    warmup_steps: int = setting(10, "linear warmup steps")
+    min_lr_ratio: float = setting(0.1, "cosine decays to lr * min_lr_ratio at the last step")
+    max_grad_norm: float = setting(1.0, "global gradient-norm clipping (0: off; never used by zeroth-order optimizers)")
+    bf16: bool = setting(False, "bf16 autocast for forward/backward (fp32 parameters and optimizer)")
+    seed: int = setting(0, "seeds model init, data order and every RNG")
+    eval_every: int = setting(100, "evaluate every N steps (0: only at the end)")
+    log_every: int = setting(1, "write a metrics line every N steps")
+    nan_policy: str = setting("stop", "on a non-finite loss: stop (naming the checkpoint to resume from) or skip the "
                          "step", choices=("stop", "skip"))
-    max_nan_skips: int = _f(10, "with nan_policy=skip, stop after this many consecutive skipped steps")
-    progress: bool = _f(True, "show a tqdm progress bar on rank 0")
+    max_nan_skips: int = setting(10, "with nan_policy=skip, stop after this many consecutive skipped steps")
+    progress: bool = setting(True, "show a tqdm progress bar on rank 0")
 
     def __post_init__(self):
         for key in ("steps", "batch_size", "grad_accum", "log_every", "max_nan_skips"):
-            _check(getattr(self, key) >= 1, f"train.{key}", getattr(self, key), "must be >= 1")
+            require(getattr(self, key) >= 1, f"train.{key}", getattr(self, key), "must be >= 1")
         for key in ("warmup_steps", "eval_every"):
-            _check(getattr(self, key) >= 0, f"train.{key}", getattr(self, key), "must be >= 0")
-        _check(0.0 <= self.min_lr_ratio <= 1.0, "train.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
-        _check(self.max_grad_norm >= 0, "train.max_grad_norm", self.max_grad_norm, "must be >= 0 (0 turns it off)")
+            require(getattr(self, key) >= 0, f"train.{key}", getattr(self, key), "must be >= 0")
+        require(0.0 <= self.min_lr_ratio <= 1.0, "train.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
+        require(self.max_grad_norm >= 0, "train.max_grad_norm", self.max_grad_norm, "must be >= 0 (0 turns it off)")
 
 
 @dataclass
 class DistConfig:
-    engine: str = _f("torch", "torch: plain torch.distributed (gradients all-reduced after backward, like DDP); "
+    engine: str = setting("torch", "torch: plain torch.distributed (gradients all-reduced after backward, like DDP); "
                      "deepspeed: a DeepSpeed engine wraps model and optimizer", choices=("torch", "deepspeed"))
-    zero_stage: int = _f(0, "optimizer-state sharding. engine=torch: slimtrain's whole-tensor sharding (1: state "
+    zero_stage: int = setting(0, "optimizer-state sharding. engine=torch: slimtrain's whole-tensor sharding (1: state "
                          "sharded, gradients all-reduced; 2: gradients also reduced to the owner only), for every "
                          "optimizer. engine=deepspeed: DeepSpeed ZeRO for shape-independent optimizers (3 shards "
                          "parameters too); GaLore-family optimizers take slimtrain's sharding at 1/2 instead of "
                          "ZeRO's flat partitions and refuse 3", choices=(0, 1, 2, 3))
-    lowrank_sync: bool = _f(True, "GaLore-family optimizers exchange projected gradients (r x n instead of m x n; "
+    lowrank_sync: bool = setting(True, "GaLore-family optimizers exchange projected gradients (r x n instead of m x n; "
                             "the full gradient only on projector-refresh steps); train.max_grad_norm then clips the "
                             "norm of what the optimizer sees (projected gradients), the same with 1 or N ranks")
-    deepspeed_config: str = _f("", "optional DeepSpeed JSON merged under the config slimtrain builds "
+    deepspeed_config: str = setting("", "optional DeepSpeed JSON merged under the config slimtrain builds "
                                "(batch sizes, clipping and ZeRO stage always come from this config)")
 
     def __post_init__(self):
-        _check(self.zero_stage < 3 or self.engine == "deepspeed", "dist.zero_stage", self.zero_stage,
+        require(self.zero_stage < 3 or self.engine == "deepspeed", "dist.zero_stage", self.zero_stage,
                "stage 3 (parameter sharding) needs dist.engine=deepspeed; slimtrain's own sharding covers 1 and 2")
 
 
 @dataclass
 class CheckpointConfig:
-    every: int = _f(100, "save a checkpoint every N steps (0: only at the end)")
-    keep: int = _f(2, "keep the newest N checkpoints")
+    every: int = setting(100, "save a checkpoint every N steps (0: only at the end)")
+    keep: int = setting(2, "keep the newest N checkpoints")
 
     def __post_init__(self):
-        _check(self.every >= 0, "checkpoint.every", self.every, "must be >= 0")
-        _check(self.keep >= 1, "checkpoint.keep", self.keep, "must be >= 1")
+        require(self.every >= 0, "checkpoint.every", self.every, "must be >= 0")
+        require(self.keep >= 1, "checkpoint.keep", self.keep, "must be >= 1")
 
 
 @dataclass
 class Config:
-    output_dir: str = _f("runs/slimtrain", "run directory: checkpoints/, metrics.jsonl, tensorboard/, "
+    output_dir: str = setting("runs/slimtrain", "run directory: checkpoints/, metrics.jsonl, tensorboard/, "
                          "loss.png, summary.json, config.yaml")
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -169,31 +178,31 @@ def _coerce(key: str, value, typ, choices):
     if typ is bool:
         if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0", "on", "off"):
             value = value.lower() in ("true", "yes", "1", "on")
-        _check(isinstance(value, bool), key, value, "expected true or false")
+        require(isinstance(value, bool), key, value, "expected true or false")
     elif typ is int:
         if isinstance(value, str):
             try:
                 value = int(value)
             except ValueError:
                 pass
-        _check(isinstance(value, int) and not isinstance(value, bool), key, value, "expected an integer")
+        require(isinstance(value, int) and not isinstance(value, bool), key, value, "expected an integer")
     elif typ is float:
         if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
             try:
                 value = float(value)
             except ValueError:
                 pass
-        _check(isinstance(value, (int, float)) and not isinstance(value, bool), key, value, "expected a number")
+        require(isinstance(value, (int, float)) and not isinstance(value, bool), key, value, "expected a number")
         value = float(value)
     elif typ is str:
-        _check(isinstance(value, (str, int, float)) and not isinstance(value, bool), key, value, "expected a string")
+        require(isinstance(value, (str, int, float)) and not isinstance(value, bool), key, value, "expected a string")
         value = str(value)
     elif typ is list or origin is list:
         if isinstance(value, str):
             value = [v for v in value.split(",") if v]
-        _check(isinstance(value, list), key, value, "expected a list, e.g. [a.txt, b.txt] or a,b")
+        require(isinstance(value, list), key, value, "expected a list, e.g. [a.txt, b.txt] or a,b")
     elif typ is dict or origin is dict:
-        _check(isinstance(value, dict), key, value, "expected a mapping")
+        require(isinstance(value, dict), key, value, "expected a mapping")
     if choices is not None and value not in choices:
         raise ConfigError(f"{key}={value!r}: allowed choices are {list(choices)}")
     return value
@@ -230,9 +239,13 @@ def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
-# Short forms for the keys people type most: ``optim=galore_adamw zero_stage=2 steps=100``.
+# Short forms for the keys people type most: ``optim=galore_adamw zero_stage=2 steps=100``,
+# ``slimtrain federated clients=20 rounds=3``. An alias applies where the root has its section.
 ALIASES = {"optim": "optim.name", "model": "model.name", "lr": "optim.lr", "steps": "train.steps",
-           "zero_stage": "dist.zero_stage", "engine": "dist.engine", "output": "output_dir"}
+           "zero_stage": "dist.zero_stage", "engine": "dist.engine", "output": "output_dir",
+           "clients": "federated.clients", "rounds": "federated.rounds", "strategy": "federated.strategy",
+           "local_steps": "federated.local_steps", "participation": "federated.participation",
+           "compression": "federated.compression", "epsilon": "federated.dp.target_epsilon"}
 
 
 def apply_override(data: dict, assignment: str, root=Config) -> None:
@@ -311,4 +324,5 @@ def describe(cls=Config, prefix: str = "") -> list[str]:
 
 
 __all__ = ["Config", "ModelConfig", "DataConfig", "OptimConfig", "TrainConfig", "DistConfig", "CheckpointConfig",
-           "ConfigError", "load_config", "from_dict", "to_dict", "apply_override", "describe"]
+           "ConfigError", "load_config", "from_dict", "to_dict", "apply_override", "describe", "optimizer_kwargs",
+           "require", "setting"]

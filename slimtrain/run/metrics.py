@@ -72,8 +72,15 @@ class MetricsWriter:
             self._tb.close()
 
 
-def plot_losses(metrics: list[dict], path: str) -> str | None:
-    """PNG of train loss (and eval loss where measured) against step; None without matplotlib."""
+# (metrics key, legend label, matplotlib style)
+Curve = tuple[str, str, str]
+TRAINER_CURVES: tuple[Curve, ...] = (("loss", "train loss", "-"), ("eval_loss", "eval loss", "o-"))
+
+
+def plot_curves(metrics: list[dict], path: str, *, x: str = "step", curves: tuple[Curve, ...] = TRAINER_CURVES,
+                twin: Curve | None = None) -> str | None:
+    """PNG of ``curves`` (cross-entropy) against ``x``, with ``twin`` (e.g. epsilon) on a second
+    axis; None without matplotlib."""
     try:
         import matplotlib
 
@@ -82,17 +89,24 @@ def plot_losses(metrics: list[dict], path: str) -> str | None:
     except ImportError:
         warnings.warn("matplotlib is not installed: no loss.png (pip install matplotlib)")
         return None
-    train = [(m["step"], m["loss"]) for m in metrics if "loss" in m]
-    evals = [(m["step"], m["eval_loss"]) for m in metrics if "eval_loss" in m]
+
+    def series(key):
+        return [(m[x], m[key]) for m in metrics if isinstance(m.get(key), (int, float)) and x in m]
+
     fig, ax = plt.subplots(figsize=(7, 4))
-    if train:
-        ax.plot(*zip(*train), label="train loss", lw=1)
-    if evals:
-        ax.plot(*zip(*evals), "o-", label="eval loss")
-    ax.set_xlabel("step")
+    for key, label, style in curves:
+        points = series(key)
+        if points:
+            ax.plot(*zip(*points), style, lw=1, label=label)
+    ax.set_xlabel(x)
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.grid(alpha=0.3)
-    ax.legend()
+    if twin is not None and series(twin[0]):
+        ax2 = ax.twinx()
+        ax2.plot(*zip(*series(twin[0])), twin[2], lw=1, label=twin[1])
+        ax2.set_ylabel(twin[1])
+        ax2.legend(loc="upper right")
+    ax.legend(loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

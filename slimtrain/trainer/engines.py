@@ -1,0 +1,278 @@
+"""How an optimizer step runs: the engine, chosen once from the optimizer's declared spec and
+the ``dist`` section, and the combinations that are refused (with the alternative).
+
+Engines (``choose_engine``):
+
+- ``zeroth_order`` (spec ``zeroth_order``: MeZO): no backward; the optimizer calls a closure that
+  returns the rank-averaged loss. Runs on the plain module under either ``dist.engine``
+  (DeepSpeed has nothing to add without a backward).
+- ``layerwise`` (spec ``layerwise``): each tensor is updated inside backward; under data
+  parallelism its gradient is averaged in the hook first (``optimizer.grad_reducer``).
+- ``data_parallel`` (``dist.engine=torch``, every other gradient optimizer, one rank included):
+  :class:`slimtrain.parallel.DataParallelOptimizer` averages gradients after the last
+  micro-batch (projected for optimizers with ``lowrank_grads``), clips, and shards state by whole
+  tensors at ``dist.zero_stage`` 1/2.
+- ``deepspeed`` (``dist.engine=deepspeed``): a DeepSpeed engine wraps model and optimizer. ZeRO
+  flattens parameters into 1-D partitions, which an optimizer with ``whole_matrices`` cannot use,
+  so at stages 1/2 those take ``data_parallel`` (DeepSpeed still launches and forms the process
+  group), and stage 3 with them is refused.
+
+Each engine knows how its state is checkpointed (``checkpoint_parts`` / ``load``), so the loop
+never branches on the engine.
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+import os
+
+import torch
+
+from ..optim.spec import OptimizerSpec
+from ..parallel.data_parallel import DataParallelOptimizer
+from ..run import checkpoint as ckpt
+from ..run.config import Config, ConfigError
+from .distributed import Distributed
+
+
+def choose_engine(cfg: Config, spec: OptimizerSpec) -> str:
+    """The engine for ``cfg`` and an optimizer with ``spec`` (see the module docstring)."""
+    if spec.zeroth_order:
+        return "zeroth_order"
+    if spec.layerwise:
+        return "layerwise"
+    if cfg.dist.engine == "deepspeed" and not routes_around_zero(cfg, spec):
+        return "deepspeed"
+    return "data_parallel"
+
+
+def routes_around_zero(cfg: Config, spec: OptimizerSpec) -> bool:
+    """DeepSpeed asked for, but the optimizer needs whole matrices: slimtrain's sharding instead.
+
+    At stage 0 the engine could carry a GaLore optimizer (whole tensors), but it all-reduces full
+    gradients; low-rank sync is slimtrain's, so the engine only stays with lowrank_sync off."""
+    return (cfg.dist.engine == "deepspeed" and spec.whole_matrices and not spec.zeroth_order and not spec.layerwise
+            and (cfg.dist.zero_stage in (1, 2) or cfg.dist.lowrank_sync))
+
+
+def check_combination(cfg: Config, spec: OptimizerSpec, say) -> None:
+    """Refuse what cannot work, naming the alternative; ``say`` prints notes on rank 0."""
+    stage, name = cfg.dist.zero_stage, cfg.optim.name
+    if stage == 3 and spec.whole_matrices:
+        raise ConfigError(
+            f"dist.zero_stage=3 with optim.name={name!r}: ZeRO-3 hands the optimizer flat 1-D "
+            "partitions of every parameter, but this optimizer needs each weight's matrix shape (GaLore "
+            "projects gradients). Use dist.zero_stage=2 (slimtrain shards optimizer state by whole tensors and "
+            "syncs projected gradients), or a shape-independent optimizer such as adamw with ZeRO-3. "
+            "docs/distributed.md describes how parameter sharding would carry GaLore.")
+    if stage >= 1 and spec.sharding == "none" and not spec.zeroth_order:
+        raise ConfigError(
+            f"dist.zero_stage={stage} with optim.name={name!r}: this optimizer's state is not shardable "
+            + ("(its INT8 weights are updated with their group scales outside torch's parameter machinery); "
+               if spec.rewrites_model else "; ")
+            + "use dist.zero_stage=0 (data parallel, gradients averaged)"
+            + (" or galore_adamw8bit" if spec.rewrites_model else ""))
+    if routes_around_zero(cfg, spec):
+        why = (f"DeepSpeed ZeRO-{stage} would flatten parameters into 1-D partitions, which {name} "
+               f"cannot use; slimtrain shards its optimizer state by whole tensors instead (ZeRO-{stage} "
+               "semantics)" if stage else
+               f"the DeepSpeed engine would all-reduce full gradients; slimtrain syncs {name}'s "
+               "projected gradients instead (dist.lowrank_sync=false keeps the engine)")
+        say(f"note: {why}; DeepSpeed provides the launch and the process group")
+    if cfg.dist.engine == "deepspeed" and spec.zeroth_order:
+        say(f"note: {name} is zeroth-order (no backward): it runs on the plain model, DeepSpeed only provides "
+            "the process group")
+    if cfg.dist.engine == "deepspeed" and cfg.train.nan_policy == "skip" and not spec.zeroth_order:
+        raise ConfigError("train.nan_policy='skip' with dist.engine='deepspeed': the engine applies every "
+                          "accumulated step; use train.nan_policy=stop or dist.engine=torch")
+    if spec.layerwise and (cfg.dist.engine == "deepspeed" or stage > 0):
+        raise ConfigError(f"optim.args.layerwise=True with dist.engine={cfg.dist.engine!r} "
+                          f"dist.zero_stage={stage}: the layer-wise mode updates each weight inside "
+                          "backward, right after averaging its gradient over ranks itself; use "
+                          "dist.engine=torch dist.zero_stage=0 (optimizer state is replicated)")
+
+
+class Engine(abc.ABC):
+    """One optimizer step's mechanics after the loss is known; see the module docstring."""
+
+    name = "base"
+
+    def __init__(self, model, optimizer, spec: OptimizerSpec, dist: Distributed):
+        self.model, self.optimizer, self.spec, self.dist = model, optimizer, spec, dist
+
+    @property
+    def module(self):
+        """What the forward pass runs on."""
+        return self.model
+
+    def backward(self, loss: torch.Tensor, grad_accum: int) -> None:
+        (loss / grad_accum).backward()
+
+    @abc.abstractmethod
+    def apply(self, max_grad_norm: float) -> float:
+        """Synchronise, clip and update; returns the gradient norm before clipping (nan if none)."""
+
+    def discard(self) -> None:
+        """Drop this step's gradients without updating (a skipped step)."""
+        self.optimizer.zero_grad(set_to_none=True)
+
+    # ------------------------------------------------------------------ checkpoints
+    def checkpoint_parts(self) -> dict:
+        """Keyword arguments of :func:`slimtrain.run.checkpoint.save_checkpoint` for this engine's state."""
+        return {"model_state": self.model.state_dict(), "optim_state": self.optimizer.state_dict()}
+
+    def load(self, path: str, saved_cfg: dict) -> None:
+        if os.path.isdir(os.path.join(path, "deepspeed")):
+            raise ConfigError(f"{path!r} was saved with ZeRO >= 1 (DeepSpeed format); resume it with "
+                              f"dist.engine=deepspeed dist.zero_stage={saved_cfg['dist']['zero_stage']}")
+        self.model.load_state_dict(ckpt.load_file(path, "model.pt"))
+        shards = ckpt.load_rank_files(path, "optim")
+        if shards:
+            raise ConfigError(f"{path!r} holds optimizer state sharded over {len(shards)} ranks "
+                              f"(dist.zero_stage={saved_cfg['dist']['zero_stage']}); resume it with "
+                              f"dist.engine=torch and an optimizer that can be sharded (the shards are merged)")
+        self.optimizer.load_state_dict(ckpt.load_file(path, "optim.pt"))
+
+
+class ZerothOrderEngine(Engine):
+    """No backward: the step is ``optimizer.step(closure)`` (see :func:`.steps.zeroth_order_step`)."""
+
+    name = "zeroth_order"
+
+    def apply(self, max_grad_norm: float) -> float:
+        raise RuntimeError("a zeroth-order optimizer steps with a closure (steps.zeroth_order_step); there is no "
+                           "gradient to apply")
+
+
+class LayerwiseEngine(Engine):
+    """Updates happened inside backward; ``step()`` flushes tensors whose hooks fired fewer times."""
+
+    name = "layerwise"
+
+    def __init__(self, model, optimizer, spec, dist, grad_accum: int):
+        super().__init__(model, optimizer, spec, dist)
+        if optimizer.accumulation_steps != grad_accum:
+            raise ConfigError(f"optim.args.accumulation_steps must equal train.grad_accum={grad_accum} for a "
+                              "layer-wise optimizer")
+        if dist.world > 1:
+            optimizer.grad_reducer = dist.average_in_place
+
+    def apply(self, max_grad_norm: float) -> float:
+        # per-tensor clipping (optim.args.max_grad_norm) happened in the hooks: the whole gradient
+        # never exists at once, so there is no global norm to report
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float("nan")
+
+
+class DataParallelEngine(Engine):
+    """slimtrain's data parallelism (one rank included): average, clip, step, optional sharding."""
+
+    name = "data_parallel"
+
+    def __init__(self, model, optimizer, spec, dist, zero_stage: int, lowrank_sync: bool):
+        super().__init__(model, optimizer, spec, dist)
+        self.dp = DataParallelOptimizer(optimizer, zero_stage=zero_stage, lowrank=lowrank_sync, spec=spec)
+
+    def apply(self, max_grad_norm: float) -> float:
+        self.dp.sync_gradients()
+        norm = self.dp.clip_grad_norm_(max_grad_norm) if max_grad_norm > 0 else float("nan")
+        self.dp.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def checkpoint_parts(self) -> dict:
+        if not self.dp.sharded:
+            return super().checkpoint_parts()
+        # every rank holds a different part of the state: one file per rank
+        return {"model_state": self.model.state_dict(), "optim_state": None,
+                "rank_files": {"optim": self.dp.state_dict()}}
+
+    def load(self, path: str, saved_cfg: dict) -> None:
+        if os.path.isdir(os.path.join(path, "deepspeed")):
+            super().load(path, saved_cfg)  # refuses with the resume command
+        self.model.load_state_dict(ckpt.load_file(path, "model.pt"))
+        shards = ckpt.load_rank_files(path, "optim")
+        if not shards:  # replicated state: one file, valid for any number of ranks
+            full = ckpt.load_file(path, "optim.pt")
+            if not self.dp.sharded:
+                self.optimizer.load_state_dict(full)
+                return
+            shards = [{"world_size": 1, "zero_stage": 0, "owners": torch.full((len(self.dp.owners),), -1),
+                       "optimizer": full}]
+        self.dp.load_state_dict(shards)
+
+
+class DeepSpeedEngine(Engine):
+    """A DeepSpeed engine: it scales for accumulation, all-reduces, clips and (ZeRO >= 1) partitions."""
+
+    name = "deepspeed"
+
+    def __init__(self, model, optimizer, spec, dist, cfg: Config):
+        super().__init__(model, optimizer, spec, dist)
+        import deepspeed
+
+        self.grad_accum = cfg.train.grad_accum
+        self.partitioned = cfg.dist.zero_stage >= 1
+        self.engine, self.ds_optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=deepspeed_config(cfg, dist.world))
+
+    @property
+    def module(self):
+        return self.engine
+
+    def backward(self, loss: torch.Tensor, grad_accum: int) -> None:
+        self.engine.backward(loss)  # the engine divides by grad_accum
+
+    def apply(self, max_grad_norm: float) -> float:
+        for _ in range(self.grad_accum):  # the engine counts micro-steps; only the last one updates
+            self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def checkpoint_parts(self) -> dict:
+        if not self.partitioned:
+            return super().checkpoint_parts()
+        return {"model_state": None, "optim_state": None, "engine": self.engine}
+
+    def load(self, path: str, saved_cfg: dict) -> None:
+        if not os.path.isdir(os.path.join(path, "deepspeed")):
+            return super().load(path, saved_cfg)
+        if not self.partitioned:
+            raise ConfigError(f"{path!r} was saved with ZeRO >= 1 (DeepSpeed format); resume it with "
+                              f"dist.engine=deepspeed dist.zero_stage={saved_cfg['dist']['zero_stage']}")
+        self.engine.load_checkpoint(os.path.join(path, "deepspeed"), tag="state", load_lr_scheduler_states=False)
+
+
+def deepspeed_config(cfg: Config, world: int) -> dict:
+    """The DeepSpeed JSON slimtrain runs: the user's file (if any) under our batch sizes, clipping
+    and ZeRO stage."""
+    user = {}
+    if cfg.dist.deepspeed_config:
+        with open(cfg.dist.deepspeed_config) as fh:
+            user = json.load(fh)
+    for key in ("fp16", "bf16"):
+        if user.get(key, {}).get("enabled"):
+            raise ConfigError(f"dist.deepspeed_config enables {key}: slimtrain keeps fp32 parameters and "
+                              "optimizer state and autocasts instead; remove it and set train.bf16=true")
+    zero = {**user.get("zero_optimization", {}), "stage": cfg.dist.zero_stage}
+    return {**user, "train_micro_batch_size_per_gpu": cfg.train.batch_size,
+            "gradient_accumulation_steps": cfg.train.grad_accum,
+            "train_batch_size": cfg.train.batch_size * cfg.train.grad_accum * world,
+            "gradient_clipping": cfg.train.max_grad_norm, "zero_optimization": zero,
+            "steps_per_print": user.get("steps_per_print", 10**9)}
+
+
+def build_engine(cfg: Config, model, optimizer, spec: OptimizerSpec, dist: Distributed) -> Engine:
+    kind = choose_engine(cfg, spec)
+    if kind == "zeroth_order":
+        return ZerothOrderEngine(model, optimizer, spec, dist)
+    if kind == "layerwise":
+        return LayerwiseEngine(model, optimizer, spec, dist, cfg.train.grad_accum)
+    if kind == "deepspeed":
+        return DeepSpeedEngine(model, optimizer, spec, dist, cfg)
+    return DataParallelEngine(model, optimizer, spec, dist, cfg.dist.zero_stage, cfg.dist.lowrank_sync)
+
+
+__all__ = ["Engine", "build_engine", "check_combination", "choose_engine", "deepspeed_config", "routes_around_zero"]

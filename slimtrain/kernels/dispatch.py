@@ -98,18 +98,16 @@ def resolve_step(param: Tensor, backend: str | None = None, *, grad: Tensor | No
     out mode. The C++ step needs fp32 contiguous CPU tensors for the gradient and for the
     tensor it writes (``param``, or ``out``).
     """
+    from . import cpu_fused  # imports no compiler: the build happens in available()
+
     grad = param if grad is None else grad
     asked = requested(backend)
     if asked == "auto" and not (param if out is None else grad).is_cuda:
-        from . import cpu_fused
-
         name = "cpp" if cpu_fused.available() else "torch"
     else:
         name = resolve(param if out is None else grad, backend)
     if name != "cpp":
         return name
-    from . import cpu_fused
-
     written = param if out is None else out
     fp32 = all(t.dtype == torch.float32 and t.is_contiguous() for t in (grad, written))
     if fp32 and not grad.is_cuda and cpu_fused.available():

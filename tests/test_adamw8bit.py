@@ -14,8 +14,6 @@ from helpers import text_batches, tiny_llama
 from slimtrain import kernels
 from slimtrain.optim import AdamW8bit
 
-bnb = pytest.importorskip("bitsandbytes")
-
 
 def _params(seed=0, shapes=((96, 128), (300,)), dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
@@ -33,6 +31,7 @@ def _run(opt_cls, params, steps, seed=1, **kw):
 
 
 def test_matches_bitsandbytes_adamw8bit():
+    bnb = pytest.importorskip("bitsandbytes")
     kw = dict(lr=1e-2, weight_decay=1e-2)
     ours, theirs, fp32 = _params(), _params(), _params()
     _run(AdamW8bit, ours, 20, **kw)

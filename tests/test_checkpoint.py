@@ -1,6 +1,6 @@
 """Checkpoints: every file loads with weights_only=True, resume is bit-exact in-process and after
-a real SIGKILL of a running `python -m slimtrain train`, and an interrupted save never replaces
-the last good checkpoint."""
+a real SIGKILL of a running `python -m slimtrain train` (at an exact point: after a save or in
+the middle of one), and an interrupted save never replaces the last good checkpoint."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -74,36 +73,81 @@ def test_interrupted_save_leaves_previous_checkpoint(tmp_path):
     assert sorted(os.listdir(root)) == ["step_00000001", "step_00000003"]  # leftovers cleaned
 
 
-@pytest.mark.slow
-def test_sigkill_then_resume_gives_the_uninterrupted_loss_curve(tmp_path):
-    extra = {**GALORE, "train.steps": 40, "checkpoint.every": 10, "checkpoint.keep": 10}
-    reference = run_cli(tiny_overrides(tmp_path, str(tmp_path / "ref"), **extra), cwd=str(tmp_path))
-    assert reference.returncode == 0, reference.stderr
+# A child that runs `slimtrain train` and SIGKILLs itself at an exact point of checkpoint
+# step STEP, instead of a parent polling the metrics and killing whenever it gets there (a race:
+# the kill could land anywhere). It wraps slimtrain.run.checkpoint from outside (no hook in the
+# product): "after_save" dies as soon as the checkpoint of STEP is complete (renamed into
+# place); "mid_save" dies inside that save, right after model.pt is written to its temporary
+# directory, so the checkpoint is never renamed into place and a partial tmp.* is left behind.
+KILL_CHILD = """
+import os, signal, sys
+from slimtrain.run import checkpoint as ckpt
+from slimtrain.launch.cli import main
 
-    out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "slimtrain", "train",
-                             *tiny_overrides(tmp_path, str(out), **extra)],
-                            cwd=str(tmp_path), env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    metrics = out / "metrics.jsonl"
-    deadline = time.time() + 240
-    # Kill once step 12 is logged: past the step-10 checkpoint, before the run can finish.
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 12:
-            break
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    seen = len(metrics.read_text().splitlines())
-    last = ckpt.latest_checkpoint(str(out / "checkpoints"))
-    assert last is not None and int(last[-8:]) < 40 and int(last[-8:]) <= seen
+mode, step = sys.argv[1], int(sys.argv[2])
+save_checkpoint, save_file = ckpt.save_checkpoint, ckpt._save_file
+
+
+def save_then_die(root, at, **kw):
+    path = save_checkpoint(root, at, **kw)
+    if at == step:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return path
+
+
+def write_then_die(obj, path):
+    save_file(obj, path)
+    if path.endswith(os.path.join("tmp.step_%08d" % step, "model.pt")):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+if mode == "after_save":
+    ckpt.save_checkpoint = save_then_die
+else:
+    ckpt._save_file = write_then_die
+sys.exit(main(["train", *sys.argv[3:]]))
+"""
+
+
+KILL_RUN = {**GALORE, "train.steps": 30, "checkpoint.every": 10, "checkpoint.keep": 10}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The run the killed ones must reproduce: (its working directory, its output directory)."""
+    root = tmp_path_factory.mktemp("sigkill")
+    reference = run_cli(tiny_overrides(root, str(root / "ref"), **KILL_RUN), cwd=str(root))
+    assert reference.returncode == 0, reference.stderr
+    return root, root / "ref"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode,kill_step,resume_step", [("after_save", 20, 20), ("mid_save", 20, 10)])
+def test_sigkill_then_resume_gives_the_uninterrupted_loss_curve(uninterrupted, mode, kill_step, resume_step):
+    tmp_path, ref = uninterrupted
+    extra = KILL_RUN
+    out = tmp_path / f"killed_{mode}"
+    child = tmp_path / f"kill_child_{mode}.py"
+    child.write_text(KILL_CHILD)
+    proc = subprocess.run([sys.executable, str(child), mode, str(kill_step), *tiny_overrides(tmp_path, str(out), **extra)],
+                          cwd=str(tmp_path), env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    # Killed exactly where asked: every step up to kill_step logged, the newest complete
+    # checkpoint is resume_step, and a save cut short left only its temporary directory.
+    assert losses(str(out)) == losses(str(ref))[:kill_step]
+    assert ckpt.latest_checkpoint(str(out / "checkpoints")).endswith(f"step_{resume_step:08d}")
+    leftover = sorted(n for n in os.listdir(out / "checkpoints") if n.startswith("tmp."))
+    assert leftover == ([] if mode == "after_save" else [f"tmp.step_{kill_step:08d}"])
 
     resumed = run_cli(tiny_overrides(tmp_path, str(out), **extra) + ["--resume"], cwd=str(tmp_path))
     assert resumed.returncode == 0, resumed.stderr
-    assert losses(str(out)) == losses(str(tmp_path / "ref"))  # exactly, every step
-    final_ref = torch.load(tmp_path / "ref/checkpoints/step_00000040/model.pt", weights_only=True)
-    final = torch.load(out / "checkpoints/step_00000040/model.pt", weights_only=True)
+    assert f"step_{resume_step:08d}" in resumed.stdout + resumed.stderr
+    assert losses(str(out)) == losses(str(ref))  # exactly, every step
+    final_ref = torch.load(ref / "checkpoints/step_00000030/model.pt", weights_only=True)
+    final = torch.load(out / "checkpoints/step_00000030/model.pt", weights_only=True)
     assert all(torch.equal(final_ref[k], final[k]) for k in final_ref)
+    assert not any(n.startswith("tmp.") for n in os.listdir(out / "checkpoints"))
 
 
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path):

@@ -24,10 +24,15 @@ from slimtrain.federated import (
     noise_multiplier_for,
 )
 
-opacus_rdp = pytest.importorskip("opacus.accountants.analysis.rdp")
-from opacus.accountants import RDPAccountant  # noqa: E402
 
-ORDERS = RDPAccountant.DEFAULT_ALPHAS
+
+def _opacus():
+    """Opacus's RDP analysis and accountant, the reference of the accountant tests (the
+    clipping and noise tests need neither): ``(rdp module, RDPAccountant, its orders)``."""
+    rdp = pytest.importorskip("opacus.accountants.analysis.rdp")
+    from opacus.accountants import RDPAccountant
+
+    return rdp, RDPAccountant, RDPAccountant.DEFAULT_ALPHAS
 
 
 @pytest.fixture(autouse=True)
@@ -178,8 +183,9 @@ def test_adaptive_clip_tracks_the_target_quantile():
 # ---------------------------------------------------------------------------- accountant
 def _opacus_epsilon(segments, delta):
     """Epsilon straight from Opacus's analysis functions: summed RDP curves, Balle et al. conversion."""
-    rdp = sum(opacus_rdp.compute_rdp(q=q, noise_multiplier=z, steps=n, orders=ORDERS) for z, q, n in segments)
-    return float(opacus_rdp.get_privacy_spent(orders=ORDERS, rdp=rdp, delta=delta)[0])
+    opacus_rdp, _, orders = _opacus()
+    rdp = sum(opacus_rdp.compute_rdp(q=q, noise_multiplier=z, steps=n, orders=orders) for z, q, n in segments)
+    return float(opacus_rdp.get_privacy_spent(orders=orders, rdp=rdp, delta=delta)[0])
 
 
 @pytest.mark.parametrize("q", [0.001, 0.01, 0.1, 1.0])
@@ -187,6 +193,7 @@ def _opacus_epsilon(segments, delta):
 @pytest.mark.parametrize("steps", [1, 50, 1000])
 @pytest.mark.parametrize("delta", [1e-5, 1e-3])
 def test_epsilon_matches_opacus_grid(q, z, steps, delta):
+    _, RDPAccountant, _ = _opacus()
     acc = PrivacyAccountant()
     for _ in range(steps):
         acc.step(z, q)
@@ -218,9 +225,10 @@ def test_published_epsilons_tf_privacy_tutorial(z, epochs, published):
     eps = min_a RDP(a) + log(1/delta) / (a - 1); Opacus's RDP curve under that conversion must
     reproduce them (to the table's 2 decimals, 0.2%), and the accountant's tighter conversion
     (Balle et al. 2020) must not report more."""
+    opacus_rdp, _, orders = _opacus()
     q, steps, delta = 256 / 60000, epochs * 60000 // 256, 1e-5
-    rdp = np.asarray(opacus_rdp.compute_rdp(q=q, noise_multiplier=z, steps=steps, orders=ORDERS))
-    orders = np.asarray(ORDERS)
+    rdp = np.asarray(opacus_rdp.compute_rdp(q=q, noise_multiplier=z, steps=steps, orders=orders))
+    orders = np.asarray(orders)
     classic = float(np.min(rdp + math.log(1 / delta) / (orders - 1)))
     assert classic == pytest.approx(published, rel=2e-3)
     acc = PrivacyAccountant()

@@ -7,6 +7,8 @@ from __future__ import annotations
 import glob
 import math
 import os
+import sys
+import types
 
 import numpy as np
 import pytest
@@ -259,22 +261,29 @@ def test_dp_noise_is_not_lowered_when_clients_drop(assets, tmp_path):
     assert float(flat.std()) == pytest.approx(0.7 * 0.05 / m, rel=0.05)  # z C / m
 
 
-def test_real_slow_client_is_dropped_by_the_deadline(assets, tmp_path):
-    import time
-
+def test_real_slow_client_is_dropped_by_the_deadline(assets, tmp_path, monkeypatch):
+    # The deadline is measured by the server's own clock around the whole client round (not
+    # only the injected straggle_s of the "timeout" fault). The clock is a fake one that moves
+    # only when a client "works", so the slow client is exactly 0.6 s late and the others take
+    # 0 s, however loaded the machine is (a real sleep against a 0.5 s deadline could drop the
+    # others too).
     sim = FederatedSimulation(fixed_round_cfg(assets, tmp_path / "slow", **{"federated.dp.enabled": False,
                                                                              "federated.timeout_s": 0.5}))
+    now = [1000.0]
+    server_module = sys.modules[type(sim).__module__]
+    monkeypatch.setattr(server_module, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
     active = sim._sample(0)[1].tolist()
     run = sim.runner.run
 
     def slow_run(cid, *a, **kw):
-        if cid == active[0]:
-            time.sleep(0.6)  # the deadline is measured around the whole client round
-        return run(cid, *a, **kw)
+        out = run(cid, *a, **kw)
+        now[0] += 0.6 if cid == active[0] else 0.0  # simulated seconds of this client's round
+        return out
 
     sim.runner.run = slow_run
     record = sim.run_round(say=lambda *_: None)
     assert [d["client"] for d in record["dropped"]] == [active[0]] and record["replied"] == 5
+    assert "0.60 s > federated.timeout_s=0.5" in record["dropped"][0]["reason"]
 
 
 # ---------------------------------------------------------------------------- crash and resume

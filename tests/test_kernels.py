@@ -5,6 +5,7 @@ stochastic roundings against their expectation. Tensors stay <= 1e5 elements."""
 from __future__ import annotations
 
 import inspect
+import io
 import math
 import shutil
 
@@ -15,7 +16,11 @@ from slimtrain import kernels as K
 from slimtrain.kernels import dispatch
 from slimtrain.kernels import triton_kernels as tk
 
-bnbF = pytest.importorskip("bitsandbytes.functional")
+
+
+def _bnb_functional():
+    # The reference quantizer: only the tests that compare against it need bitsandbytes.
+    return pytest.importorskip("bitsandbytes.functional")
 
 
 def _moment_like(n: int, seed: int = 0) -> torch.Tensor:
@@ -29,6 +34,7 @@ def _moment_like(n: int, seed: int = 0) -> torch.Tensor:
 # ---------------------------------------------------------------------------- maps
 @pytest.mark.parametrize("signed", [True, False])
 def test_dynamic_maps_equal_bitsandbytes(signed):
+    bnbF = _bnb_functional()
     assert torch.equal(K.dynamic_map(signed), bnbF.create_dynamic_map(signed=signed))
 
 
@@ -52,6 +58,7 @@ def test_quantize_blockwise_triton_equals_reference(block, signed):
 
 @pytest.mark.parametrize("signed", [True, False])
 def test_quantizer_error_not_worse_than_bitsandbytes(signed):
+    bnbF = _bnb_functional()
     x = _moment_like(65_536, seed=1)
     if not signed:
         x = x.abs()
@@ -364,3 +371,97 @@ def test_dispatch_auto_and_overrides(monkeypatch):
         dispatch.resolve(x, "triton")
     with pytest.raises(ValueError, match="not one of"):
         dispatch.resolve(x, "cuda")
+
+
+@pytest.mark.parametrize("available", [True, False])
+def test_resolve_step_is_the_one_decision_for_the_adam_step(monkeypatch, available):
+    # The table of the dispatch docstring, with the C++ build's availability faked (no build).
+    from slimtrain.kernels import cpu_fused
+
+    monkeypatch.setattr(cpu_fused, "available", lambda: available)
+    f32, bf16 = torch.zeros(8), torch.zeros(8, dtype=torch.bfloat16)
+    strided = torch.zeros(8, 2)[:, 0]
+    cpp_or = lambda other: "cpp" if available else other  # noqa: E731
+    assert dispatch.resolve_step(f32) == cpp_or("torch")
+    assert dispatch.resolve_step(bf16) == "torch"  # auto never waits for a compile
+    assert dispatch.resolve_step(f32, grad=strided) == "torch"
+    assert dispatch.resolve_step(f32, "cpp") == cpp_or("torch")
+    assert dispatch.resolve_step(bf16, "cpp") == ("compile" if available else "torch")
+    assert dispatch.resolve_step(f32, "cpp", grad=strided) == ("compile" if available else "torch")
+    # Out mode writes ``out``, not the parameter: a bf16 parameter does not matter.
+    assert dispatch.resolve_step(bf16, grad=f32, out=torch.zeros(8)) == cpp_or("torch")
+    assert dispatch.resolve_step(f32, grad=f32, out=bf16) == "torch"
+    for name in ("torch", "compile", "triton"):
+        assert dispatch.resolve_step(f32, name) == name
+    with K.kernel_backend("torch"):
+        assert dispatch.resolve_step(f32) == "torch"
+
+
+def test_every_triton_kernel_has_one_launch_entry_with_its_constexprs():
+    from slimtrain.kernels import ops
+
+    kernels = {name for name in dir(tk) if name.endswith("_kernel")}
+    assert sorted(spec.kernel for spec in ops.TRITON_LAUNCHES.values()) == sorted(kernels)
+    extra = {"adamw8bit": {"WRITE_OUT", "PARAM_BF16"}}  # passed per call by adamw8bit_update
+    for op, spec in ops.TRITON_LAUNCHES.items():
+        sig = inspect.signature(getattr(tk, spec.kernel).fn)
+        constexpr = {name for name, p in sig.parameters.items() if "constexpr" in str(p.annotation)}
+        for cuda in (False, True):
+            grid, meta = spec.grid(10_000, 64, cuda)
+            assert set(meta) | extra.get(op, set()) == constexpr, op
+            assert len(grid) == 1 and grid[0] >= 1
+
+
+def test_blockwise8bit_state_type_round_trips_through_optimizer_state():
+    x = _moment_like(5_000, seed=7)
+    q = K.Blockwise8bit.quantize(x, signed=True, block_size=256, backend="torch")
+    codes, absmax = K.quantize_blockwise(x, signed=True, block_size=256, backend="torch")
+    assert torch.equal(q.codes, codes) and torch.equal(q.absmax, absmax)
+    assert torch.equal(q.dequantize(), K.dequantize_blockwise(codes, absmax, signed=True))
+    assert q.nbytes == 5_000 + 4 * math.ceil(5_000 / 256) and torch.equal(q.map, K.dynamic_map(True))
+    state: dict = {}
+    q.store(state, "exp_avg")
+    assert set(state) == {"exp_avg_codes", "exp_avg_absmax"}  # the keys checkpoints hold
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    back = K.Blockwise8bit.load(torch.load(buf, weights_only=True), "exp_avg", signed=True, block_size=256)
+    assert torch.equal(back.codes, codes) and torch.equal(back.absmax, absmax)
+    assert K.Blockwise8bit.load({}, "exp_avg", signed=True) is None
+    # zeros: the quantizer's own encoding of an all-zero tensor, without quantizing it.
+    for signed in (True, False):
+        z = K.Blockwise8bit.zeros(torch.empty(3, 700), signed=signed, block_size=256)
+        ref_codes, ref_absmax = K.quantize_blockwise(torch.zeros(3, 700), signed=signed, block_size=256)
+        assert torch.equal(z.codes, ref_codes) and torch.equal(z.absmax, ref_absmax)
+    with pytest.raises(ValueError, match="uint8"):
+        K.Blockwise8bit(codes.to(torch.int8), absmax, True)
+    with pytest.raises(ValueError, match="one value per block"):
+        K.Blockwise8bit(codes, absmax[:-1], True)
+
+
+def test_packed_int4_state_type_round_trips_through_optimizer_state():
+    x = torch.randn(48, 20)
+    p = K.PackedInt4.pack(x, 64, backend="torch")
+    ref = K.pack_int4(x.reshape(-1), 64, backend="torch")
+    assert all(torch.equal(a, b) for a, b in zip((p.packed, p.scales, p.mins), ref))
+    assert torch.equal(p.unpack(), K.unpack_int4(*ref, x.numel(), 64).view(48, 20))
+    assert p.nbytes == 480 + 8 * 15
+    state: dict = {}
+    p.store(state, "proj_left")
+    assert set(state) == {"proj_left_int4", "proj_left_scales", "proj_left_mins", "proj_left_shape"}
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    back = K.PackedInt4.load(torch.load(buf, weights_only=True), "proj_left", 64)
+    assert back.shape == (48, 20) and torch.equal(back.unpack(), p.unpack())
+    assert K.PackedInt4.load({}, "proj_left", 64) is None
+    with pytest.raises(ValueError, match="one value per group"):
+        K.PackedInt4(p.packed, p.scales, p.mins, p.shape, 128)
+
+
+def test_group_view_pads_the_tail_and_views_whole_groups():
+    x = torch.arange(10.0)
+    v = K.group_view(x, 4, fill=-1.0)
+    assert v.shape == (3, 4) and torch.equal(v[2], torch.tensor([8.0, 9.0, -1.0, -1.0]))
+    whole = torch.arange(8.0)
+    assert K.group_view(whole, 4).data_ptr() == whole.data_ptr()  # no copy without padding

@@ -1,4 +1,4 @@
-"""Which implementation a kernel call runs: one decision point for all of slimtrain.kernels.
+"""Which implementation a kernel call runs: the one decision point for all of slimtrain.kernels.
 
 Backends:
 
@@ -8,15 +8,34 @@ Backends:
 * ``"compile"`` -- the same twins fused by ``torch.compile`` (the 8-bit AdamW step; other
   operations fall back to ``"torch"``);
 * ``"cpp"``     -- the 8-bit AdamW step as one C++ loop (:mod:`.cpu_fused`: AVX2 when the CPU
-  has it, torch's intra-op threads; bit-identical to the twin); fp32 tensors, others take
-  ``"compile"``; other operations fall back to ``"torch"``.
+  has it, torch's intra-op threads; bit-identical to the twin); other operations fall back to
+  ``"torch"``.
 
-``"auto"`` (the default) means Triton for CUDA tensors and eager PyTorch elsewhere, except the
-8-bit AdamW step on CPU (:func:`resolve_step`), which takes ``"cpp"`` -- bit-identical to the
-twin and faster than ``torch.optim.AdamW`` (docs/benchmarks.md section 4) -- when the C++
-step builds here and the tensors are fp32, and the eager twin otherwise. Override
-for a region with ``with kernel_backend("compile"): ...``, per call with ``backend=``, or
-process-wide with the environment variable ``SLIMTRAIN_KERNEL_BACKEND``.
+The backend asked for comes from, in this order: the call's ``backend=`` argument, the
+innermost ``with kernel_backend(name): ...`` region, the environment variable
+``SLIMTRAIN_KERNEL_BACKEND``, else ``"auto"``. It is resolved to a concrete backend here and
+nowhere else (the operations in :mod:`.ops` only run what they are told):
+
+* every operation (:func:`resolve`): ``"auto"`` is Triton for CUDA tensors (when triton
+  imports) and eager PyTorch elsewhere; an explicit name is honoured, ``"triton"`` on a CPU
+  tensor only under the interpreter (else a ``RuntimeError`` naming the fix);
+* the 8-bit AdamW step (:func:`resolve_step`) decides with all its tensors in view:
+
+  ==========  ==========================================  =====================================
+  asked for   runs                                        when that cannot run
+  ==========  ==========================================  =====================================
+  ``auto``    ``cpp`` on CPU (the C++ step builds here,   ``torch`` (no compile wait)
+              grad and written tensor fp32, contiguous);
+              ``triton`` on CUDA
+  ``cpp``     ``cpp`` under the same conditions           ``compile`` (handles every dtype and
+                                                          layout) when the C++ step builds,
+                                                          else ``torch``
+  ``torch`` / ``compile`` / ``triton``: as asked
+  ==========  ==========================================  =====================================
+
+  ``cpp`` is the CPU default because it is bit-identical to the twin and faster than
+  ``torch.optim.AdamW`` (docs/benchmarks.md section 4); its first use builds it (~0.5-1.2 min,
+  then torch's extension cache has it), and a failed build is warned about once.
 """
 
 from __future__ import annotations
@@ -25,6 +44,7 @@ import contextlib
 import functools
 import os
 
+import torch
 from torch import Tensor
 
 BACKENDS = ("auto", "triton", "torch", "compile", "cpp")
@@ -69,15 +89,32 @@ def requested(backend: str | None = None) -> str:
     )
 
 
-def resolve_step(tensor: Tensor, backend: str | None = None) -> str:
-    """:func:`resolve` for the 8-bit AdamW step: "auto" on a CPU tensor is "cpp" when the C++
-    step builds here (the first call builds it, ~0.5-1.2 min, then torch's cache has it), else
-    "torch"."""
-    if requested(backend) == "auto" and not tensor.is_cuda:
-        from . import cpu_fused
+def resolve_step(param: Tensor, backend: str | None = None, *, grad: Tensor | None = None,
+                 out: Tensor | None = None) -> str:
+    """The concrete backend of one 8-bit AdamW step (see the table in the module docstring).
 
-        return "cpp" if cpu_fused.available() else "torch"
-    return resolve(tensor, backend)
+    ``param`` is the parameter (its device decides "auto" unless ``out`` is given, then the
+    gradient's does); ``grad`` defaults to ``param``; ``out`` is the direction buffer of the
+    out mode. The C++ step needs fp32 contiguous CPU tensors for the gradient and for the
+    tensor it writes (``param``, or ``out``).
+    """
+    from . import cpu_fused  # imports no compiler: the build happens in available()
+
+    grad = param if grad is None else grad
+    asked = requested(backend)
+    if asked == "auto" and not (param if out is None else grad).is_cuda:
+        name = "cpp" if cpu_fused.available() else "torch"
+    else:
+        name = resolve(param if out is None else grad, backend)
+    if name != "cpp":
+        return name
+    written = param if out is None else out
+    fp32 = all(t.dtype == torch.float32 and t.is_contiguous() for t in (grad, written))
+    if fp32 and not grad.is_cuda and cpu_fused.available():
+        return "cpp"
+    # Half-precision or strided tensors, or no C++ build: asked for explicitly, the compiled
+    # twin (handles every layout); by default, the eager twin (no compile wait).
+    return "compile" if asked == "cpp" and cpu_fused.available() else "torch"
 
 
 def resolve(tensor: Tensor, backend: str | None = None) -> str:

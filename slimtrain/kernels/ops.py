@@ -1,14 +1,17 @@
-"""Public kernel operations: each call picks Triton or its PyTorch twin via :mod:`.dispatch`."""
+"""Public kernel operations: each call runs the backend :mod:`.dispatch` resolves for it --
+a Triton kernel (launched through one table, :data:`TRITON_LAUNCHES`) or its PyTorch twin."""
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor
 
 from . import reference as ref
-from .dispatch import requested, resolve, resolve_step
+from .dispatch import resolve, resolve_step
 from .maps import code_lut, quant_tables
 
 DEFAULT_BLOCK = 256
@@ -36,6 +39,66 @@ def n_blocks(numel: int, block: int = DEFAULT_BLOCK) -> int:
     return (numel + block - 1) // block
 
 
+def triton_cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+# ---------------------------------------------------------------------------- Triton launches
+def _rows_of_groups(width: str, per_program_lane: int = 1) -> Callable[[int, int, bool], tuple[tuple, dict]]:
+    """Grid rule of the group-wise kernels: a program owns ``ROWS`` consecutive groups of
+    ``group`` elements (``_rows``); the group width reaches the kernel as the constexpr
+    ``width``, divided by ``per_program_lane`` (INT4 kernels take half a group: two codes a byte)."""
+
+    def rule(numel: int, group: int, cuda: bool) -> tuple[tuple, dict]:
+        groups = n_blocks(numel, group)
+        rows = _rows(groups, group, cuda)
+        return (triton_cdiv(groups, rows),), {"ROWS": rows, width: group // per_program_lane}
+
+    return rule
+
+
+def _flat_tiles(numel: int, group: int, cuda: bool) -> tuple[tuple, dict]:
+    """Grid rule of the element-wise kernels: one program per tile of 4K (GPU) / 64K
+    (interpreter) elements; ``group`` is unused."""
+    tile = 4096 if cuda else 65536
+    return (triton_cdiv(numel, tile),), {"BLOCK": tile}
+
+
+@dataclass(frozen=True)
+class TritonLaunch:
+    """How one operation launches its kernel: the kernel's name in :mod:`.triton_kernels`,
+    the grid rule ``(numel, group, cuda) -> (grid, constexprs)`` and fixed launch options
+    (``num_warps`` as ``(cpu, cuda)``)."""
+
+    kernel: str
+    grid: Callable[[int, int, bool], tuple[tuple, dict]]
+    num_warps: tuple[int, int] | None = None
+
+
+TRITON_LAUNCHES: dict[str, TritonLaunch] = {
+    "quantize_blockwise": TritonLaunch("quantize_blockwise_kernel", _rows_of_groups("BLOCK")),
+    "dequantize_blockwise": TritonLaunch("dequantize_blockwise_kernel", _rows_of_groups("BLOCK")),
+    "adamw8bit": TritonLaunch("adamw8bit_kernel", _rows_of_groups("BLOCK"), num_warps=(4, 8)),
+    "stochastic_round_bf16": TritonLaunch("stochastic_round_bf16_kernel", _flat_tiles),
+    "quantize_int8_sr": TritonLaunch("quantize_int8_sr_kernel", _rows_of_groups("GROUP")),
+    "dequantize_int8": TritonLaunch("dequantize_int8_kernel", _rows_of_groups("GROUP")),
+    "pack_int4": TritonLaunch("pack_int4_kernel", _rows_of_groups("HALF", 2)),
+    "unpack_int4": TritonLaunch("unpack_int4_kernel", _rows_of_groups("HALF", 2)),
+}
+
+
+def _launch(op: str, *args, numel: int, group: int, cuda: bool, **constexprs) -> None:
+    """Launch ``op``'s Triton kernel on ``args`` (pointers and runtime scalars, in the kernel's
+    order) with the grid and constexprs of its :data:`TRITON_LAUNCHES` entry plus ``constexprs``."""
+    from . import triton_kernels as tk
+
+    spec = TRITON_LAUNCHES[op]
+    grid, meta = spec.grid(numel, group, cuda)
+    if spec.num_warps is not None:
+        meta["num_warps"] = spec.num_warps[int(cuda)]
+    getattr(tk, spec.kernel)[grid](*args, **meta, **constexprs)
+
+
 # ---------------------------------------------------------------------------- block-wise 8-bit
 def quantize_blockwise(x: Tensor, *, signed: bool = True, block_size: int = DEFAULT_BLOCK,
                        backend: str | None = None) -> tuple[Tensor, Tensor]:
@@ -45,14 +108,11 @@ def quantize_blockwise(x: Tensor, *, signed: bool = True, block_size: int = DEFA
     values, mids = quant_tables(signed, x.device)
     if be != "triton":
         return ref.quantize_blockwise(x, (values, mids, *code_lut(signed, x.device)), block_size)
-    from . import triton_kernels as tk
-
     x = x.contiguous()
     n, nb = x.numel(), n_blocks(x.numel(), block_size)
     codes = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
     absmax = torch.empty(nb, dtype=torch.float32, device=x.device)
-    rows = _rows(nb, block_size, x.is_cuda)
-    tk.quantize_blockwise_kernel[(triton_cdiv(nb, rows),)](x, codes, absmax, mids, n, nb, ROWS=rows, BLOCK=block_size)
+    _launch("quantize_blockwise", x, codes, absmax, mids, n, nb, numel=n, group=block_size, cuda=x.is_cuda)
     return codes, absmax
 
 
@@ -64,18 +124,11 @@ def dequantize_blockwise(codes: Tensor, absmax: Tensor, *, signed: bool = True, 
     values, _ = quant_tables(signed, codes.device)
     if be != "triton":
         return ref.dequantize_blockwise(codes, absmax, values, block_size)
-    from . import triton_kernels as tk
-
     codes = codes.contiguous()
     n, nb = codes.numel(), n_blocks(codes.numel(), block_size)
     out = torch.empty(codes.shape, dtype=torch.float32, device=codes.device)
-    rows = _rows(nb, block_size, codes.is_cuda)
-    tk.dequantize_blockwise_kernel[(triton_cdiv(nb, rows),)](codes, absmax, values, out, n, nb, ROWS=rows, BLOCK=block_size)
+    _launch("dequantize_blockwise", codes, absmax, values, out, n, nb, numel=n, group=block_size, cuda=codes.is_cuda)
     return out
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return (a + b - 1) // b
 
 
 # ---------------------------------------------------------------------------- fused AdamW step
@@ -154,7 +207,7 @@ def adamw8bit_update(
     ``step_size = lr / (1 - b1^t)``, ``inv_sqrt_bc2 = 1 / sqrt(1 - b2^t)``,
     ``decay = 1 - lr * wd``.
     """
-    be = resolve_step(param if out is None else grad, backend)
+    be = resolve_step(param, backend, grad=grad, out=out)  # the one decision (see dispatch)
     _check_block(block_size, be)
     dev = grad.device
     t1, t2 = quant_tables(True, dev), quant_tables(False, dev)
@@ -164,14 +217,9 @@ def adamw8bit_update(
     if be == "cpp":
         from . import cpu_fused
 
-        fp32 = all(t.dtype == torch.float32 and t.is_contiguous() for t in (grad, param if out is None else out))
-        if fp32 and not grad.is_cuda and cpu_fused.available():
-            cpu_fused.adamw8bit_step(param, grad, codes1, absmax1, codes2, absmax2, r1, r2, skipped, out,
-                                     block=block_size, **coeffs)
-            return
-        # Half-precision or strided tensors, or no C++ build: asked for explicitly, the compiled
-        # twin (handles every layout); by default, the eager twin (no compile wait).
-        be = "compile" if requested(backend) == "cpp" and cpu_fused.available() else "torch"
+        cpu_fused.adamw8bit_step(param, grad, codes1, absmax1, codes2, absmax2, r1, r2, skipped, out,
+                                 block=block_size, **coeffs)
+        return
     if be == "torch":
         ref.adamw8bit_step(param, grad, codes1, absmax1, codes2, absmax2, r1, r2, skipped, out,
                            block=block_size, **coeffs)
@@ -179,23 +227,20 @@ def adamw8bit_update(
     if be == "compile":
         _compiled_update(param, grad, codes1, absmax1, codes2, absmax2, r1, r2, skipped, out, block_size, coeffs)
         return
-    from . import triton_kernels as tk
-
     for name, t in (("grad", grad), ("codes1", codes1), ("codes2", codes2)):
         if not t.is_contiguous():
             raise ValueError(f"{name} must be contiguous for the Triton kernel")
     n, nb = grad.numel(), n_blocks(grad.numel(), block_size)
-    rows = _rows(nb, block_size, grad.is_cuda)
     target = param if out is None else out
     if not target.is_contiguous():
         raise ValueError("param/out must be contiguous for the Triton kernel")
     bf16 = out is None and param.dtype == torch.bfloat16
-    tk.adamw8bit_kernel[(triton_cdiv(nb, rows),)](
+    _launch(
+        "adamw8bit",
         (param.view(torch.int16) if bf16 else param) if out is None else grad, grad, codes1, absmax1, codes2, absmax2,
         t1[0], t1[1], t2[0], t2[1], skipped, grad if out is None else out,
         n, nb, *coeffs.values(),
-        WRITE_OUT=out is not None, PARAM_BF16=bf16, ROWS=rows, BLOCK=block_size,
-        num_warps=8 if grad.is_cuda else 4,
+        numel=n, group=block_size, cuda=grad.is_cuda, WRITE_OUT=out is not None, PARAM_BF16=bf16,
     )
 
 
@@ -206,12 +251,9 @@ def stochastic_round_bf16(x: Tensor, seed: int, *, backend: str | None = None) -
     seed = int(seed) & 0x7FFFFFFF
     if be != "triton":
         return ref.stochastic_round_bf16(x, seed)
-    from . import triton_kernels as tk
-
     x = x.contiguous().float()
     out = torch.empty(x.shape, dtype=torch.int16, device=x.device)
-    tile = 4096 if x.is_cuda else 65536
-    tk.stochastic_round_bf16_kernel[(triton_cdiv(x.numel(), tile),)](x, out, x.numel(), seed, BLOCK=tile)
+    _launch("stochastic_round_bf16", x, out, x.numel(), seed, numel=x.numel(), group=1, cuda=x.is_cuda)
     return out.view(torch.bfloat16)
 
 
@@ -223,14 +265,11 @@ def quantize_int8_sr(x: Tensor, group_size: int = DEFAULT_BLOCK, seed: int = 0, 
     seed = int(seed) & 0x7FFFFFFF
     if be != "triton":
         return ref.quantize_int8_sr(x, group_size, seed)
-    from . import triton_kernels as tk
-
     x = x.contiguous()
     n, ng = x.numel(), n_blocks(x.numel(), group_size)
     codes = torch.empty(x.shape, dtype=torch.int8, device=x.device)
     scales = torch.empty(ng, dtype=torch.float32, device=x.device)
-    rows = _rows(ng, group_size, x.is_cuda)
-    tk.quantize_int8_sr_kernel[(triton_cdiv(ng, rows),)](x, codes, scales, n, ng, seed, ROWS=rows, GROUP=group_size)
+    _launch("quantize_int8_sr", x, codes, scales, n, ng, seed, numel=n, group=group_size, cuda=x.is_cuda)
     return codes, scales
 
 
@@ -240,13 +279,10 @@ def dequantize_int8(codes: Tensor, scales: Tensor, group_size: int = DEFAULT_BLO
     _check_block(group_size, be)
     if be != "triton":
         return ref.dequantize_int8(codes, scales, group_size)
-    from . import triton_kernels as tk
-
     codes = codes.contiguous()
     n, ng = codes.numel(), n_blocks(codes.numel(), group_size)
     out = torch.empty(codes.shape, dtype=torch.float32, device=codes.device)
-    rows = _rows(ng, group_size, codes.is_cuda)
-    tk.dequantize_int8_kernel[(triton_cdiv(ng, rows),)](codes, scales, out, n, ng, ROWS=rows, GROUP=group_size)
+    _launch("dequantize_int8", codes, scales, out, n, ng, numel=n, group=group_size, cuda=codes.is_cuda)
     return out
 
 
@@ -261,15 +297,12 @@ def pack_int4(x: Tensor, group_size: int = 128, *, backend: str | None = None) -
         raise ValueError("cannot pack an empty tensor")
     if be != "triton":
         return ref.pack_int4(x, group_size)
-    from . import triton_kernels as tk
-
     x = x.contiguous()
     n, ng = x.numel(), n_blocks(x.numel(), group_size)
     packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=x.device)
     scales = torch.empty(ng, dtype=torch.float32, device=x.device)
     mins = torch.empty(ng, dtype=torch.float32, device=x.device)
-    rows = _rows(ng, group_size, x.is_cuda)
-    tk.pack_int4_kernel[(triton_cdiv(ng, rows),)](x, packed, scales, mins, n, ng, ROWS=rows, HALF=group_size // 2)
+    _launch("pack_int4", x, packed, scales, mins, n, ng, numel=n, group=group_size, cuda=x.is_cuda)
     return packed, scales, mins
 
 
@@ -280,10 +313,7 @@ def unpack_int4(packed: Tensor, scales: Tensor, mins: Tensor, numel: int, group_
     _check_block(group_size, be)
     if be != "triton":
         return ref.unpack_int4(packed, scales, mins, numel, group_size)
-    from . import triton_kernels as tk
-
     ng = n_blocks(numel, group_size)
     out = torch.empty(numel, dtype=torch.float32, device=packed.device)
-    rows = _rows(ng, group_size, packed.is_cuda)
-    tk.unpack_int4_kernel[(triton_cdiv(ng, rows),)](packed, scales, mins, out, numel, ng, ROWS=rows, HALF=group_size // 2)
+    _launch("unpack_int4", packed, scales, mins, out, numel, ng, numel=numel, group=group_size, cuda=packed.is_cuda)
     return out

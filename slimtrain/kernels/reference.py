@@ -24,13 +24,14 @@ _MASK32 = 0xFFFFFFFF
 
 
 # ---------------------------------------------------------------------------- helpers
-def _blocks(x: Tensor, block: int, fill: float = 0.0) -> Tensor:
-    """Flat ``x`` as (n_blocks, block), the tail padded with ``fill``."""
+def group_view(x: Tensor, group: int, fill: float = 0.0) -> Tensor:
+    """Flat ``x`` as ``(n_groups, group)``, the tail padded with ``fill`` (a view when no
+    padding is needed): the block / group layout every quantizer here scales by."""
     flat = x.reshape(-1)
-    pad = (-flat.numel()) % block
+    pad = (-flat.numel()) % group
     if pad:
         flat = F.pad(flat, (0, pad), value=fill)
-    return flat.view(-1, block)
+    return flat.view(-1, group)
 
 
 def search_codes(normalized: Tensor, mids: Tensor) -> Tensor:
@@ -90,7 +91,7 @@ def quantize_blockwise(x: Tensor, tables: tuple, block: int) -> tuple[Tensor, Te
     ``tables`` is ``(values, mids, lut, refine)`` of the map (:mod:`slimtrain.kernels.maps`).
     """
     _, mids, lut, refine = tables
-    xb = _blocks(x.float(), block)  # (n_blocks, block)
+    xb = group_view(x.float(), block)  # (n_blocks, block)
     absmax = xb.abs().amax(dim=1)
     normalized = xb / torch.where(absmax > 0, absmax, torch.ones_like(absmax))[:, None]
     codes = search_codes_lut(normalized, mids, lut, refine).to(torch.uint8)
@@ -99,7 +100,7 @@ def quantize_blockwise(x: Tensor, tables: tuple, block: int) -> tuple[Tensor, Te
 
 def dequantize_blockwise(codes: Tensor, absmax: Tensor, values: Tensor, block: int) -> Tensor:
     """uint8 codes + absmax -> fp32 tensor shaped like ``codes``."""
-    cb = _blocks(codes, block)
+    cb = group_view(codes, block)
     out = values[cb.long()] * absmax[:, None]
     return out.reshape(-1)[: codes.numel()].view(codes.shape)
 
@@ -141,11 +142,11 @@ def adamw8bit_step(
     values1, mids1, lut1, refine1 = tables1  # signed map of m
     values2, mids2, lut2, refine2 = tables2  # unsigned map of v
     n = grad.numel()
-    g = _blocks(grad.float(), block)
+    g = group_view(grad.float(), block)
     ok = torch.isfinite(g)
-    valid = _blocks(torch.ones(n, dtype=torch.bool, device=grad.device), block, fill=False)
-    m0 = values1[_blocks(codes1, block).long()] * absmax1[:, None]
-    v0 = values2[_blocks(codes2, block).long()] * absmax2[:, None]
+    valid = group_view(torch.ones(n, dtype=torch.bool, device=grad.device), block, fill=False)
+    m0 = values1[group_view(codes1, block).long()] * absmax1[:, None]
+    v0 = values2[group_view(codes2, block).long()] * absmax2[:, None]
     g = torch.where(ok, g, torch.zeros_like(g))
     m = torch.where(ok, beta1 * m0 + one_minus_beta1 * g, m0)
     v = torch.where(ok, beta2 * v0 + one_minus_beta2 * (g * g), v0)
@@ -156,7 +157,7 @@ def adamw8bit_step(
     u = step_size * (m / (torch.sqrt(v.double()).float() * inv_sqrt_bc2 + eps))
     keep = ok & valid
     if out is None:
-        p = _blocks(param.float(), block)
+        p = group_view(param.float(), block)
         p_new = torch.where(keep, p * decay - u, p)
         param.copy_(p_new.reshape(-1)[:n].view(param.shape))
     else:
@@ -198,16 +199,16 @@ def quantize_int8_sr(x: Tensor, group: int, seed: int) -> tuple[Tensor, Tensor]:
     so ``E[q * scale] = x``. A group of zeros gets scale 0 and codes 0.
     """
     n = x.numel()
-    xb = _blocks(x.float(), group)
+    xb = group_view(x.float(), group)
     scale = xb.abs().amax(dim=1) / 127.0
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    u = _blocks(uniform01(seed, torch.arange(n, device=x.device)), group)
+    u = group_view(uniform01(seed, torch.arange(n, device=x.device)), group)
     q = torch.floor(xb / safe[:, None] + u).clamp(-127.0, 127.0)
     return q.to(torch.int8).reshape(-1)[:n].view(x.shape), scale
 
 
 def dequantize_int8(codes: Tensor, scales: Tensor, group: int) -> Tensor:
-    cb = _blocks(codes, group)
+    cb = group_view(codes, group)
     return (cb.float() * scales[:, None]).reshape(-1)[: codes.numel()].view(codes.shape)
 
 
@@ -238,5 +239,5 @@ def pack_int4(x: Tensor, group: int) -> tuple[Tensor, Tensor, Tensor]:
 def unpack_int4(packed: Tensor, scales: Tensor, mins: Tensor, numel: int, group: int) -> Tensor:
     """Inverse of :func:`pack_int4`: a flat fp32 tensor of ``numel`` elements."""
     q = torch.stack([packed & 0xF, packed >> 4], dim=1).reshape(-1)[:numel].float()
-    qb = _blocks(q, group)
+    qb = group_view(q, group)
     return (qb * scales[:, None] + mins[:, None]).reshape(-1)[:numel]

@@ -19,23 +19,29 @@ from .state_dtypes import restore_state_dtypes
 from torch.optim.adamw import adamw as _torch_adamw
 
 from .. import kernels
+from ..kernels import Blockwise8bit
 
-# State keys of an 8-bit tensor (all plain tensors: torch.load(weights_only=True) restores them).
-CODES1, ABSMAX1, CODES2, ABSMAX2, SKIPPED = (
-    "exp_avg_codes", "exp_avg_absmax", "exp_avg_sq_codes", "exp_avg_sq_absmax", "nonfinite_skipped")
+# State names of the 8-bit moments: m as signed, v as unsigned Blockwise8bit, stored as
+# "exp_avg_codes", "exp_avg_absmax", "exp_avg_sq_codes", "exp_avg_sq_absmax" (plain tensors:
+# torch.load(weights_only=True) restores them), and the int32 count of skipped gradient elements.
+EXP_AVG, EXP_AVG_SQ, SKIPPED = "exp_avg", "exp_avg_sq", "nonfinite_skipped"
 
 
 def init_8bit_moments(state: dict, like: Tensor, block_size: int) -> None:
     """Zero 8-bit moments for a tensor shaped like ``like`` (codes of 0.0, absmax 0)."""
-    # Every block is all zeros: absmax 0 and the code of 0.0 everywhere. The code comes from
-    # the quantizer itself (one element), the rest is a fill rather than quantizing numel zeros.
-    zero = torch.zeros(1, dtype=torch.float32, device=like.device)
-    for signed, codes_key, absmax_key in ((True, CODES1, ABSMAX1), (False, CODES2, ABSMAX2)):
-        code, _ = kernels.quantize_blockwise(zero, signed=signed, block_size=block_size, backend="torch")
-        state[codes_key] = code.expand(like.numel()).clone().view(like.shape)
-        state[absmax_key] = torch.zeros(kernels.n_blocks(like.numel(), block_size), dtype=torch.float32,
-                                        device=like.device)
+    Blockwise8bit.zeros(like, signed=True, block_size=block_size).store(state, EXP_AVG)
+    Blockwise8bit.zeros(like, signed=False, block_size=block_size).store(state, EXP_AVG_SQ)
     state[SKIPPED] = torch.zeros(1, dtype=torch.int32, device=like.device)
+
+
+def has_8bit_moments(state: dict) -> bool:
+    return Blockwise8bit.stored(state, EXP_AVG)
+
+
+def load_8bit_moments(state: dict, block_size: int) -> tuple[Blockwise8bit, Blockwise8bit]:
+    """``(m, v)`` of a tensor with 8-bit moments, viewing its state tensors."""
+    return (Blockwise8bit.load(state, EXP_AVG, signed=True, block_size=block_size),
+            Blockwise8bit.load(state, EXP_AVG_SQ, signed=False, block_size=block_size))
 
 
 def adam8bit_coefficients(lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
@@ -54,10 +60,8 @@ def adam8bit_coefficients(lr: float, beta1: float, beta2: float, eps: float, wei
 def adamw8bit(
     params: list[Tensor],
     grads: list[Tensor],
-    exp_avg_codes: list[Tensor],
-    exp_avg_absmax: list[Tensor],
-    exp_avg_sq_codes: list[Tensor],
-    exp_avg_sq_absmax: list[Tensor],
+    exp_avgs: list[Blockwise8bit],
+    exp_avg_sqs: list[Blockwise8bit],
     nonfinite_skipped: list[Tensor],
     state_steps: list[Tensor],
     *,
@@ -66,11 +70,11 @@ def adamw8bit(
     beta2: float,
     eps: float,
     weight_decay: float,
-    block_size: int = kernels.DEFAULT_BLOCK,
     backend: str | None = None,
 ) -> None:
     """Functional AdamW step on block-wise 8-bit moments (torch.optim.AdamW's update rule).
 
+    ``exp_avgs[i]`` (signed map) and ``exp_avg_sqs[i]`` (unsigned map) are updated in place.
     For each tensor, one fused pass (:func:`slimtrain.kernels.adamw8bit_update`) reads
     param, grad, codes and absmax and writes param, codes and absmax; the fp32 moments exist
     only inside the kernel. Gradient elements that are not finite are skipped (param and
@@ -81,9 +85,10 @@ def adamw8bit(
         step_t += 1
         coeffs = adam8bit_coefficients(lr, beta1, beta2, eps, weight_decay, float(step_t))
         target = param if param.is_contiguous() else param.contiguous()
+        m, v = exp_avgs[i], exp_avg_sqs[i]
         kernels.adamw8bit_update(
-            target, grads[i].contiguous(), exp_avg_codes[i], exp_avg_absmax[i], exp_avg_sq_codes[i],
-            exp_avg_sq_absmax[i], nonfinite_skipped[i], block_size=block_size, backend=backend, **coeffs,
+            target, grads[i].contiguous(), m.codes, m.absmax, v.codes, v.absmax, nonfinite_skipped[i],
+            block_size=m.block_size, backend=backend, **coeffs,
         )
         if target is not param:
             param.copy_(target)
@@ -182,7 +187,7 @@ class AdamW8bit(Optimizer):
                 else:
                     state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
-            (quant if CODES1 in state else full).append(p)
+            (quant if has_8bit_moments(state) else full).append(p)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None):
@@ -198,9 +203,9 @@ class AdamW8bit(Optimizer):
             hyper = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
             if quant:
                 st = [self.state[p] for p in quant]
-                adamw8bit(quant, [p.grad for p in quant], [s[CODES1] for s in st], [s[ABSMAX1] for s in st],
-                          [s[CODES2] for s in st], [s[ABSMAX2] for s in st], [s[SKIPPED] for s in st],
-                          [s["step"] for s in st], block_size=group["block_size"], backend=self.backend, **hyper)
+                moments = [load_8bit_moments(s, group["block_size"]) for s in st]
+                adamw8bit(quant, [p.grad for p in quant], [m for m, _ in moments], [v for _, v in moments],
+                          [s[SKIPPED] for s in st], [s["step"] for s in st], backend=self.backend, **hyper)
             if full:
                 st = [self.state[p] for p in full]
                 _adamw32(full, [p.grad for p in full], [s["exp_avg"] for s in st], [s["exp_avg_sq"] for s in st],

@@ -15,7 +15,7 @@ from torch import Tensor
 from .validation import check_adam_args, check_8bit_args
 from .. import kernels
 from . import projector as proj
-from .adamw8bit import ABSMAX1, ABSMAX2, CODES1, CODES2, SKIPPED, init_8bit_moments
+from .adamw8bit import SKIPPED, has_8bit_moments, init_8bit_moments, load_8bit_moments
 from .galore_adamw import galore_adamw
 from .galore_base import GaLoreOptimizerBase
 
@@ -23,10 +23,8 @@ from .galore_base import GaLoreOptimizerBase
 def galore_adamw8bit(
     params: list[Tensor],
     grads: list[Tensor],
-    exp_avg_codes: list[Tensor],
-    exp_avg_absmax: list[Tensor],
-    exp_avg_sq_codes: list[Tensor],
-    exp_avg_sq_absmax: list[Tensor],
+    exp_avgs: list[kernels.Blockwise8bit],
+    exp_avg_sqs: list[kernels.Blockwise8bit],
     nonfinite_skipped: list[Tensor],
     state_steps: list[Tensor],
     proj_lefts: list[Tensor | None],
@@ -39,7 +37,6 @@ def galore_adamw8bit(
     weight_decay: float,
     correct_bias: bool,
     scale: float,
-    block_size: int = kernels.DEFAULT_BLOCK,
     backend: str | None = None,
 ) -> None:
     """Functional GaLore-AdamW step with 8-bit moments, on gradients already in optimizer space.
@@ -52,8 +49,9 @@ def galore_adamw8bit(
 
     written for the fused kernel as ``lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps/sqrt(1-b2^t))``.
     For projected tensors the kernel writes the low-rank direction (r x n, small), which is
-    projected back; for the others it updates the parameter in place. Gradient elements that
-    are not finite are skipped and counted.
+    projected back; for the others it updates the parameter in place. The moments
+    (``exp_avgs[i]`` signed, ``exp_avg_sqs[i]`` unsigned) are updated in place. Gradient
+    elements that are not finite are skipped and counted.
     """
     for i, param in enumerate(params):
         step_t = state_steps[i]
@@ -64,15 +62,17 @@ def galore_adamw8bit(
         coeffs = dict(step_size=lr / bc1, beta1=beta1, beta2=beta2, inv_sqrt_bc2=1.0 / sqrt_bc2, eps=eps / sqrt_bc2)
         grad = grads[i].contiguous()
         left, right = proj_lefts[i], proj_rights[i]
-        state = (exp_avg_codes[i], exp_avg_absmax[i], exp_avg_sq_codes[i], exp_avg_sq_absmax[i], nonfinite_skipped[i])
+        m, v = exp_avgs[i], exp_avg_sqs[i]
+        moments = (m.codes, m.absmax, v.codes, v.absmax, nonfinite_skipped[i])
         if left is None and right is None:
             target = param if param.is_contiguous() else param.contiguous()
-            kernels.adamw8bit_update(target, grad, *state, decay=1.0, block_size=block_size, backend=backend, **coeffs)
+            kernels.adamw8bit_update(target, grad, *moments, decay=1.0, block_size=m.block_size, backend=backend,
+                                     **coeffs)
             if target is not param:
                 param.copy_(target)
         else:
             direction = torch.empty_like(grad, dtype=torch.float32)
-            kernels.adamw8bit_update(param, grad, *state, decay=1.0, out=direction, block_size=block_size,
+            kernels.adamw8bit_update(param, grad, *moments, decay=1.0, out=direction, block_size=m.block_size,
                                      backend=backend, **coeffs)
             param.sub_(proj.project_back(direction, left, right, scale).view_as(param).to(param.dtype))
         if weight_decay > 0.0:
@@ -130,7 +130,7 @@ class GaLoreAdamW8bit(GaLoreOptimizerBase):
     def _update(self, p: Tensor, low_grad: Tensor, state: dict, group: dict) -> None:
         if "step" not in state:
             state["step"] = torch.tensor(0.0)
-        if CODES1 not in state and "exp_avg" not in state:
+        if not has_8bit_moments(state) and "exp_avg" not in state:
             if low_grad.numel() >= group["min_8bit_size"]:
                 init_8bit_moments(state, low_grad, group["block_size"])
             else:
@@ -140,10 +140,10 @@ class GaLoreAdamW8bit(GaLoreOptimizerBase):
         beta1, beta2 = group["betas"]
         hyper = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
                      correct_bias=group["correct_bias"], scale=group["scale"] if "rank" in group else 1.0)
-        if CODES1 in state:
-            galore_adamw8bit([p], [low_grad.float()], [state[CODES1]], [state[ABSMAX1]], [state[CODES2]],
-                             [state[ABSMAX2]], [state[SKIPPED]], [state["step"]], [left], [right],
-                             block_size=group["block_size"], backend=self.backend, **hyper)
+        if has_8bit_moments(state):
+            m, v = load_8bit_moments(state, group["block_size"])
+            galore_adamw8bit([p], [low_grad.float()], [m], [v], [state[SKIPPED]], [state["step"]], [left], [right],
+                             backend=self.backend, **hyper)
         else:
             galore_adamw([p], [low_grad.float()], [state["exp_avg"]], [state["exp_avg_sq"]], [state["step"]],
                          [left], [right], **hyper)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import kernels
+from ..kernels import PackedInt4
 from . import projector as proj
 from .galore_adamw8bit import GaLoreAdamW8bit
 from .spec import OptimizerSpec
@@ -59,7 +60,7 @@ class QuantLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features, self.group_size = linear.in_features, linear.out_features, group_size
         w = linear.weight.detach().float()
-        groups = kernels.reference._blocks(w, group_size)
+        groups = kernels.group_view(w, group_size)  # (n_groups, group_size)
         scales = groups.abs().amax(1) / 127.0
         safe = torch.where(scales > 0, scales, torch.ones_like(scales))
         # Round to nearest once at conversion; training updates re-quantize stochastically.
@@ -211,13 +212,8 @@ class QGaLoreAdamW8bit(GaLoreAdamW8bit):
             return None, None
         out = []
         for key in ("proj_left", "proj_right"):
-            if f"{key}_int4" not in state:
-                out.append(None)
-                continue
-            shape = tuple(int(s) for s in state[f"{key}_shape"])
-            flat = kernels.unpack_int4(state[f"{key}_int4"], state[f"{key}_scales"], state[f"{key}_mins"],
-                                       shape[0] * shape[1], group["proj_group_size"], backend=self._aux_backend())
-            out.append(flat.view(shape))
+            packed = PackedInt4.load(state, key, group["proj_group_size"])
+            out.append(None if packed is None else packed.unpack(backend=self._aux_backend()))
         return out[0], out[1]
 
     def _aux_backend(self) -> str | None:
@@ -249,10 +245,7 @@ class QGaLoreAdamW8bit(GaLoreAdamW8bit):
         new = (state.pop("proj_left", None), state.pop("proj_right", None))
         for key, value in zip(("proj_left", "proj_right"), new):
             if value is not None:
-                packed, scales, mins = kernels.pack_int4(value.contiguous(), group["proj_group_size"],
-                                                         backend=self._aux_backend())
-                state[f"{key}_int4"], state[f"{key}_scales"], state[f"{key}_mins"] = packed, scales, mins
-                state[f"{key}_shape"] = torch.tensor(value.shape, dtype=torch.int64)
+                PackedInt4.pack(value, group["proj_group_size"], backend=self._aux_backend()).store(state, key)
         step = int(state["step"]) if "step" in state else 0
         if "proj_gap" not in state:
             state["proj_gap"] = torch.tensor(group["update_proj_gap"], dtype=torch.int64)

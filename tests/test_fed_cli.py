@@ -105,3 +105,24 @@ def test_documented_config_is_valid_and_says_the_defaults():
     got = to_dict(cfg)
     got["output_dir"] = defaults["output_dir"]
     assert got == defaults  # the file spells out `slimtrain federated` with no arguments
+
+
+def test_federated_takes_the_same_short_keys_as_train():
+    """`slimtrain federated clients=20 rounds=3` as `slimtrain train steps=20`; full paths still win."""
+    cfg = load_config(None, ["clients=20", "rounds=3", "strategy=fedprox", "local_steps=4", "epsilon=8",
+                             "optim=galore_adamw", "lr=1e-3", "output=/tmp/x"])
+    fc = cfg.federated
+    assert (fc.clients, fc.rounds, fc.strategy, fc.local_steps, fc.dp.target_epsilon) == (20, 3, "fedprox", 4, 8.0)
+    assert (cfg.optim.name, cfg.optim.lr, cfg.output_dir) == ("galore_adamw", 1e-3, "/tmp/x")
+    with pytest.raises(Exception, match="steps"):  # a trainer-only alias names the section it needs
+        load_config(None, ["steps=20"])
+
+
+def test_optimizer_arguments_are_built_once_for_train_and_federated():
+    """optim.weight_decay reaches the optimizer in both kinds of run (it used to be dropped by train)."""
+    from slimtrain.run.config import optimizer_kwargs
+    from slimtrain.run.config import load_config as load_train_config
+
+    for cfg in (load_config(None, ["optim.weight_decay=0.05", "optim.args.betas=[0.8,0.9]"]),
+                load_train_config(None, ["optim.weight_decay=0.05", "optim.args.betas=[0.8,0.9]"])):
+        assert optimizer_kwargs(cfg.optim) == {"lr": cfg.optim.lr, "weight_decay": 0.05, "betas": [0.8, 0.9]}

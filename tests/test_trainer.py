@@ -242,3 +242,13 @@ def test_short_aliases_for_common_keys():
 def test_override_path_typo_in_section():
     with pytest.raises(ConfigError, match=r"'optimm'"):
         apply_override({}, "optimm.args.rank=3")
+
+
+def test_weight_decay_reaches_the_optimizer(tmp_path):
+    """optim.weight_decay is applied by `slimtrain train` (it used to be silently dropped)."""
+    cfg = load_config(None, tiny_overrides(tmp_path, str(tmp_path / "wd"), **{"optim.weight_decay": 0.05}))
+    trainer = Trainer(cfg)
+    try:
+        assert [g["weight_decay"] for g in trainer.optimizer.param_groups] == [0.05] * len(trainer.optimizer.param_groups)
+    finally:
+        trainer.close()

@@ -46,6 +46,11 @@ class GaLoreOptimizerBase(Optimizer):
     ``state["step"]`` (a float tensor, as in torch.optim).
     """
 
+    # Declared capability: the step needs only the projected gradient of a GaLore matrix, so
+    # data-parallel code may all-reduce r x n instead of m x n (set_projected_grad). Fira sets
+    # it False (its residual needs the full gradient).
+    syncs_projected_grads = True
+
     def __init__(self, params, defaults: dict, *, layerwise: bool = False, accumulation_steps: int = 1):
         if not isinstance(accumulation_steps, int) or accumulation_steps < 1:
             raise ValueError(f"accumulation_steps={accumulation_steps!r} must be an integer >= 1")

@@ -13,6 +13,9 @@ import torch
 from torch import nn
 
 from .adamw8bit import AdamW8bit
+from .apollo import APOLLOAdamW, APOLLOMini
+from .apollo_adamw8bit import APOLLOAdamW8bit
+from .fira import FiraAdamW
 from .galore_adafactor import GaLoreAdafactor
 from .galore_adamw import GaLoreAdamW
 from .galore_adamw8bit import GaLoreAdamW8bit
@@ -25,6 +28,7 @@ OptimizerFactory = Callable[..., torch.optim.Optimizer]
 
 _GALORE_KEYS = ("target_modules", "rank", "update_proj_gap", "scale", "proj_type", "proj_method",
                 "oversample", "power_iters", "proj_seed", "max_grad_norm")
+_APOLLO_KEYS = ("target_modules", "rank", "update_proj_gap", "scale", "proj_type", "scale_type", "proj_seed")
 
 
 def _split_galore(kwargs: dict) -> tuple[dict, dict]:
@@ -38,6 +42,16 @@ def _galore_factory(cls) -> OptimizerFactory:
         return cls(galore_param_groups(model, **galore), **rest)
 
     build.__doc__ = f"{cls.__name__} over galore_param_groups(model, ...)"
+    return build
+
+
+def _apollo_factory(cls, **group_defaults) -> OptimizerFactory:
+    def build(model: nn.Module, **kwargs):
+        kwargs = {**group_defaults, **kwargs}
+        groups = {k: kwargs.pop(k) for k in _APOLLO_KEYS if k in kwargs}
+        return cls(galore_param_groups(model, proj="random", **groups), **kwargs)
+
+    build.__doc__ = f"{cls.__name__} over galore_param_groups(model, ...) with APOLLO's group keys"
     return build
 
 
@@ -85,6 +99,10 @@ OPTIMIZERS: dict[str, OptimizerFactory] = {
     "galore_adafactor": _galore_factory(GaLoreAdafactor),
     "adamw8bit": _plain(AdamW8bit),
     "galore_adamw8bit": _galore_factory(GaLoreAdamW8bit),
+    "apollo_adamw": _apollo_factory(APOLLOAdamW, rank=256, scale=1.0, scale_type="channel"),
+    "apollo_mini": _apollo_factory(APOLLOMini, rank=1, scale=128.0, scale_type="tensor"),
+    "apollo_adamw8bit": _apollo_factory(APOLLOAdamW8bit, rank=256, scale=1.0, scale_type="channel"),
+    "fira_adamw": _galore_factory(FiraAdamW),
     "qgalore_adamw8bit": _qgalore,
     "mezo": _zeroth_order(MeZO),
     "sparse_mezo": _zeroth_order(SparseMeZO),

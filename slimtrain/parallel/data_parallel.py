@@ -49,11 +49,12 @@ _REPLICATED_PREFIXES = ("proj_", "step", "next_refresh", "sim_")
 
 
 def galore_optimizer_of(optimizer) -> GaLoreOptimizerBase | None:
-    """The GaLore-family optimizer inside ``optimizer`` (itself, or LISA's inner one)."""
-    if isinstance(optimizer, GaLoreOptimizerBase):
-        return optimizer
-    inner = getattr(optimizer, "optimizer", None)
-    return inner if isinstance(inner, GaLoreOptimizerBase) else None
+    """The GaLore-family optimizer inside ``optimizer`` (itself, or LISA's inner one) whose step
+    works from projected gradients (``syncs_projected_grads``; not Fira's)."""
+    for candidate in (optimizer, getattr(optimizer, "optimizer", None)):
+        if isinstance(candidate, GaLoreOptimizerBase) and candidate.syncs_projected_grads:
+            return candidate
+    return None
 
 
 def _reduce_bucketed(comm: Comm, tensors: list[Tensor], dst: int, bucket_bytes: int) -> None:

@@ -85,7 +85,7 @@ def test_imports_flow_one_way():
 
 
 OWN = ["adamw8bit", "galore_adamw", "galore_adafactor", "galore_adamw8bit", "qgalore_adamw8bit", "mezo", "sparse_mezo",
-       "lisa"]
+       "lisa", "apollo_adamw", "apollo_mini", "apollo_adamw8bit", "fira_adamw"]
 
 
 @pytest.mark.parametrize("name", OWN)
@@ -101,6 +101,8 @@ def test_registry_spec_is_what_the_built_optimizer_declares(name, layerwise):
         pytest.skip("only the GaLore family offers the layer-wise mode")
     if name == "qgalore_adamw8bit":
         kwargs.update(rank=4, weight_group_size=64)
+    if name in ("apollo_adamw", "apollo_adamw8bit", "fira_adamw"):
+        kwargs.update(rank=4)
     declared = registry.optimizer_spec(name, **kwargs)
     built = spec_of(registry.build_optimizer(name, tiny_llama(), **kwargs))
     assert declared == built

@@ -9,6 +9,7 @@ hands over (the wrapped one included), with the Trainer's learning rate::
     trainer = SlimtrainHFTrainer(model=model, args=args, train_dataset=ds,
                                  slimtrain_optim="galore_adamw", slimtrain_optim_args={"rank": 128})
 
+Any registry name works the same way (``"apollo_adamw"``, ``"apollo_mini"``, ``"fira_adamw"``, ...);
 or, keeping a plain ``transformers.Trainer``, pass
 ``optimizer_cls_and_kwargs=slimtrain_optimizer_cls_and_kwargs("galore_adamw", lr=1e-3, rank=128)``.
 

@@ -8,6 +8,9 @@ from .mezo import MeZO, SparseMeZO, magnitude_thresholds, noise_like, perturb_, 
 from .adamw8bit import AdamW8bit, adamw8bit
 from .galore_adamw8bit import GaLoreAdamW8bit, galore_adamw8bit
 from .qgalore import QGaLoreAdamW8bit, QuantLinear, qgalore_param_groups, quantize_weights
+from .apollo import APOLLOAdamW, APOLLOMini, apollo_adamw, apollo_param_groups
+from .apollo_adamw8bit import APOLLOAdamW8bit, APOLLOMini8bit, apollo_adamw8bit
+from .fira import FiraAdamW, fira_adamw
 from . import projector
 
 __all__ = [
@@ -34,4 +37,13 @@ __all__ = [
     "QuantLinear",
     "qgalore_param_groups",
     "quantize_weights",
+    "APOLLOAdamW",
+    "APOLLOMini",
+    "apollo_adamw",
+    "apollo_param_groups",
+    "APOLLOAdamW8bit",
+    "APOLLOMini8bit",
+    "apollo_adamw8bit",
+    "FiraAdamW",
+    "fira_adamw",
 ]

@@ -17,6 +17,9 @@ import torch
 from torch import nn
 
 from .adamw8bit import AdamW8bit
+from .apollo import APOLLOAdamW, APOLLOMini
+from .apollo_adamw8bit import APOLLOAdamW8bit
+from .fira import FiraAdamW
 from .galore_adafactor import GaLoreAdafactor
 from .galore_adamw import GaLoreAdamW
 from .galore_adamw8bit import GaLoreAdamW8bit
@@ -43,6 +46,7 @@ class Entry:
 
 _GALORE_KEYS = ("target_modules", "rank", "update_proj_gap", "scale", "proj_type", "proj_method",
                 "oversample", "power_iters", "proj_seed", "max_grad_norm")
+_APOLLO_KEYS = ("target_modules", "rank", "update_proj_gap", "scale", "proj_type", "scale_type", "proj_seed")
 
 
 def _split_galore(kwargs: dict) -> tuple[dict, dict]:
@@ -56,6 +60,16 @@ def _galore_factory(cls) -> OptimizerFactory:
         return cls(galore_param_groups(model, **galore), **rest)
 
     build.__doc__ = f"{cls.__name__} over galore_param_groups(model, ...)"
+    return build
+
+
+def _apollo_factory(cls, **group_defaults) -> OptimizerFactory:
+    def build(model: nn.Module, **kwargs):
+        kwargs = {**group_defaults, **kwargs}
+        groups = {k: kwargs.pop(k) for k in _APOLLO_KEYS if k in kwargs}
+        return cls(galore_param_groups(model, proj="random", **groups), **kwargs)
+
+    build.__doc__ = f"{cls.__name__} over galore_param_groups(model, ...) with APOLLO's group keys"
     return build
 
 
@@ -116,6 +130,11 @@ OPTIMIZERS: dict[str, Entry] = {
     "galore_adafactor": Entry(_galore_factory(GaLoreAdafactor), _galore_spec(GaLoreAdafactor)),
     "adamw8bit": Entry(_plain(AdamW8bit), AdamW8bit.spec),
     "galore_adamw8bit": Entry(_galore_factory(GaLoreAdamW8bit), _galore_spec(GaLoreAdamW8bit)),
+    "apollo_adamw": Entry(_apollo_factory(APOLLOAdamW, rank=256, scale=1.0, scale_type="channel"), APOLLOAdamW.spec),
+    "apollo_mini": Entry(_apollo_factory(APOLLOMini, rank=1, scale=128.0, scale_type="tensor"), APOLLOMini.spec),
+    "apollo_adamw8bit": Entry(_apollo_factory(APOLLOAdamW8bit, rank=256, scale=1.0, scale_type="channel"),
+                              APOLLOAdamW8bit.spec),
+    "fira_adamw": Entry(_galore_factory(FiraAdamW), FiraAdamW.spec_for()),
     "qgalore_adamw8bit": Entry(_qgalore, QGaLoreAdamW8bit.spec_for()),
     "mezo": Entry(_zeroth_order(MeZO), MeZO.spec),
     "sparse_mezo": Entry(_zeroth_order(SparseMeZO), SparseMeZO.spec),

@@ -22,3 +22,18 @@ def check_8bit_args(min_8bit_size: int, block_size: int, backend: str | None, ba
         raise ValueError(f"block_size={block_size!r} must be >= 2 (default 256)")
     if backend is not None and backend not in backends:
         raise ValueError(f"backend={backend!r} is not one of {backends}")
+
+
+def check_projected_matrix(p, rank: int, side: str, *, who: str, group_index: int, param_index: int) -> None:
+    """A tensor in a projected (``rank``) group must be a matrix whose projected side holds ``rank``."""
+    if p.dim() != 2:
+        raise ValueError(
+            f"{who} projects 2-D matrices, but params[{param_index}] of param group {group_index} has shape "
+            f"{tuple(p.shape)} ({p.dim()}-D); allowed: 2-D tensors only. Put biases, norms and other "
+            "non-matrix tensors in a group without `rank` (galore_param_groups does).")
+    m, n = p.shape
+    limit = {"left": m, "right": n}.get(side, min(m, n))
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= limit:
+        raise ValueError(
+            f"rank={rank!r} is out of range for params[{param_index}] of param group {group_index} with shape "
+            f"({m}, {n}): allowed 1 <= rank <= {limit} (the matrix's projected side)")

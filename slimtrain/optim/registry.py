@@ -24,7 +24,8 @@ from .qgalore import QGaLoreAdamW8bit, qgalore_param_groups, quantize_weights
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 
 _GALORE_KEYS = ("target_modules", "rank", "update_proj_gap", "scale", "proj_type", "proj_method",
-                "oversample", "power_iters", "proj_seed", "max_grad_norm")
+                "oversample", "power_iters", "proj_seed", "max_grad_norm", "natural_history",
+                "natural_damping")
 
 
 def _split_galore(kwargs: dict) -> tuple[dict, dict]:
@@ -39,6 +40,11 @@ def _galore_factory(cls) -> OptimizerFactory:
 
     build.__doc__ = f"{cls.__name__} over galore_param_groups(model, ...)"
     return build
+
+
+def _natural_galore_adamw(model: nn.Module, natural_history: int = 10, **kwargs) -> GaLoreAdamW:
+    """Natural GaLore (Das 2024): GaLoreAdamW with a history of ``natural_history`` low-rank gradients."""
+    return _galore_factory(GaLoreAdamW)(model, natural_history=natural_history, **kwargs)
 
 
 def _plain(cls) -> OptimizerFactory:
@@ -82,6 +88,7 @@ def _qgalore(model: nn.Module, weight_bits: int = 8, weight_group_size: int = 25
 OPTIMIZERS: dict[str, OptimizerFactory] = {
     "adamw": _plain(torch.optim.AdamW),
     "galore_adamw": _galore_factory(GaLoreAdamW),
+    "natural_galore_adamw": _natural_galore_adamw,
     "galore_adafactor": _galore_factory(GaLoreAdafactor),
     "adamw8bit": _plain(AdamW8bit),
     "galore_adamw8bit": _galore_factory(GaLoreAdamW8bit),

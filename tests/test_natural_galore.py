@@ -183,6 +183,32 @@ def test_resume_is_exact():
     assert all(torch.equal(a, b) for a, b in zip(straight.parameters(), resumed.parameters()))
 
 
+@pytest.mark.parametrize("accum", [1, 2])
+def test_layerwise_mode_preconditions_once_per_step(accum):
+    """Layer-wise (update-in-backward) mode feeds the history once per optimizer step, with the
+    accumulated low-rank gradient; with one micro-batch it runs the very same operations."""
+    micro = text_batches(5 * accum, batch=2)
+
+    def run(model, opt):
+        losses = []
+        for i in range(0, len(micro), accum):
+            for x in micro[i : i + accum]:
+                loss = _loss(model, x) / accum
+                loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.item())
+        return losses
+
+    a, b = tiny_llama(), tiny_llama()
+    ordinary = GaLoreAdamW(_groups(a, gap=3), lr=3e-3, natural_history=3)
+    layerwise = GaLoreAdamW(_groups(b, gap=3), lr=3e-3, natural_history=3, layerwise=True, accumulation_steps=accum)
+    la, lb = run(a, ordinary), run(b, layerwise)
+    assert all(int(st["nat_count"]) == 5 for st in layerwise.state.values() if "nat_count" in st)
+    if accum == 1:
+        assert la == lb and all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+
+
 @pytest.mark.parametrize("cls,kw", [(GaLoreAdamW8bit, dict(lr=3e-3, min_8bit_size=0)),
                                     (GaLoreAdafactor, dict(lr=1e-2, relative_step=False, beta1=0.9, scale_parameter=False))])
 def test_other_galore_optimizers_take_the_group_key(cls, kw):

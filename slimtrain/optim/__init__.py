@@ -8,6 +8,7 @@ from .mezo import MeZO, SparseMeZO, magnitude_thresholds, noise_like, perturb_, 
 from .adamw8bit import AdamW8bit, adamw8bit
 from .galore_adamw8bit import GaLoreAdamW8bit, galore_adamw8bit
 from .qgalore import QGaLoreAdamW8bit, QuantLinear, qgalore_param_groups, quantize_weights
+from .welore import LowRankLinear, welore_compress, welore_merge, welore_param_groups
 from . import projector
 
 __all__ = [
@@ -34,4 +35,8 @@ __all__ = [
     "QuantLinear",
     "qgalore_param_groups",
     "quantize_weights",
+    "LowRankLinear",
+    "welore_compress",
+    "welore_merge",
+    "welore_param_groups",
 ]

@@ -90,13 +90,15 @@ def _kept_params(tau: float, spectra: list[Tensor], shapes: list[tuple[int, int]
     return total, ranks
 
 
-def welore_ranks(weights: dict[str, Tensor], target_reduction: float) -> tuple[float, dict[str, int]]:
+def welore_ranks(weights: dict[str, Tensor], target_reduction: float, *,
+                 progress: bool = False) -> tuple[float, dict[str, int]]:
     """The threshold and each matrix's kept rank (full rank = stays dense) so that the matrices'
     parameter count drops by at least ``target_reduction``; raises if no threshold reaches it."""
     _check_target(target_reduction)
     names = list(weights)
     shapes = [tuple(weights[k].shape) for k in names]
-    spectra = [_normalised(torch.linalg.svdvals(weights[k].double())) for k in names]
+    spectra = [_normalised(torch.linalg.svdvals(_svd_input(weights[k])))
+               for k in _bar(names, progress, "WeLore: singular values")]
     budget = (1.0 - target_reduction) * sum(m * n for m, n in shapes)
     candidates = torch.unique(torch.cat(spectra))  # ascending; kept params fall as tau rises
     if _kept_params(float(candidates[-1]), spectra, shapes)[0] > budget:
@@ -111,6 +113,14 @@ def welore_ranks(weights: dict[str, Tensor], target_reduction: float) -> tuple[f
             lo = mid + 1
     tau = float(candidates[hi])
     return tau, dict(zip(names, _kept_params(tau, spectra, shapes)[1]))
+
+
+def _bar(items, progress: bool, desc: str):
+    if not progress:
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, desc=desc)
 
 
 def _check_target(target_reduction) -> None:
@@ -137,24 +147,24 @@ def _targets(model: nn.Module, target_modules) -> list[tuple[nn.Module, str, str
 
 @torch.no_grad()
 def welore_compress(model: nn.Module, target_reduction: float, *, target_modules=ALL_LINEAR,
-                    train_dense: bool = False) -> WeLoreReport:
+                    train_dense: bool = False, progress: bool = False) -> WeLoreReport:
     """Compress ``model`` in place: each targeted ``nn.Linear`` (default: all but the output layer)
     whose kept rank saves parameters becomes a :class:`LowRankLinear` (trainable factors), the
     others stay dense (trainable iff ``train_dense``); everything else is frozen.
 
     ``target_reduction`` in (0, 1) is the fraction of the targeted matrices' parameters removed
     (at least; ranks are integers). Ranks come from the global singular-value threshold (module
-    docstring). The SVD runs in float64 (exact enough for any weight dtype); the factors get the
-    weight's dtype and device.
+    docstring). The SVD runs in float32 (float64 for float64 weights); the factors get the
+    weight's dtype and device. ``progress=True`` shows tqdm bars over the SVDs.
     """
     _check_target(target_reduction)
     targets = _targets(model, target_modules)
     weights = {name: lin.weight for _, _, name, lin in targets}
-    tau, ranks = welore_ranks(weights, target_reduction)
+    tau, ranks = welore_ranks(weights, target_reduction, progress=progress)
     report = WeLoreReport(threshold=tau)
     for p in model.parameters():
         p.requires_grad_(False)
-    for parent, child, name, lin in targets:
+    for parent, child, name, lin in _bar(targets, progress, "WeLore: factors"):
         m, n = lin.weight.shape
         k = ranks[name]
         report.ranks[name] = (k, min(m, n))
@@ -173,10 +183,15 @@ def welore_compress(model: nn.Module, target_reduction: float, *, target_modules
     return report
 
 
+def _svd_input(weight: Tensor) -> Tensor:
+    # float32 SVD for float32 / half weights (their own rounding dominates), float64 for float64
+    return weight.detach().to(torch.float64 if weight.dtype == torch.float64 else torch.float32)
+
+
 def svd_factors(weight: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Balanced rank-``k`` factors ``A (m, k), B (k, n)`` of ``weight``'s truncated SVD (float64
-    SVD, cast back to the weight's dtype)."""
-    U, S, Vh = torch.linalg.svd(weight.detach().double(), full_matrices=False)
+    """Balanced rank-``k`` factors ``A (m, k), B (k, n)`` of ``weight``'s truncated SVD (computed
+    in float32, or float64 for float64 weights), in the weight's dtype."""
+    U, S, Vh = torch.linalg.svd(_svd_input(weight), full_matrices=False)
     root = S[:k].sqrt()
     A = U[:, :k] * root  # (m, k)
     B = root[:, None] * Vh[:k]  # (k, n)

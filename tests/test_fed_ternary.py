@@ -96,7 +96,8 @@ def test_bad_inputs():
 def test_simulation_with_ternary_and_dp_trains(assets, tmp_path):  # noqa: F811
     cfg = make_cfg(assets, tmp_path / "run", **{"federated.compression": "ternary",
                                                 "federated.compression_fraction": 0.05, "federated.rounds": 3,
-                                                "federated.local_steps": 4, "federated.dp.noise_multiplier": 0.3, "optim.lr": 1e-2,
+                                                "federated.local_steps": 4, "federated.dp.noise_multiplier": 0.3,
+                                                "optim.lr": 1e-2,
                                                 "federated.dp.clip_norm": 1.0})
     sim = FederatedSimulation(cfg)
     before = sim.evaluate()

@@ -210,7 +210,8 @@ def test_layerwise_mode_preconditions_once_per_step(accum):
 
 
 @pytest.mark.parametrize("cls,kw", [(GaLoreAdamW8bit, dict(lr=3e-3, min_8bit_size=0)),
-                                    (GaLoreAdafactor, dict(lr=1e-2, relative_step=False, beta1=0.9, scale_parameter=False))])
+                                    (GaLoreAdafactor, dict(lr=1e-2, relative_step=False, beta1=0.9,
+                                                           scale_parameter=False))])
 def test_other_galore_optimizers_take_the_group_key(cls, kw):
     """The preconditioner lives in the shared base: a group key turns it on for every GaLore optimizer."""
     batches = text_batches(12)

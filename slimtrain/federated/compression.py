@@ -349,7 +349,8 @@ class TernaryCompressor(TopKCompressor):
             scale = parts["scale"][0]
             if "codes" in parts:
                 codes = _unpack_bits(parts["codes"], 2, shape.numel())
-                flat = torch.where(codes == 1, scale, torch.where(codes == 2, -scale, torch.zeros((), device=scale.device)))
+                zero = torch.zeros((), device=scale.device)
+                flat = torch.where(codes == 1, scale, torch.where(codes == 2, -scale, zero))
             else:
                 flat = torch.zeros(shape.numel(), dtype=torch.float32, device=scale.device)
                 count = parts["indices"].numel()

@@ -18,7 +18,8 @@ Runs (each ``--rounds`` rounds, seed 0):
   e.g. 0.05, clips every delta ~60x and nothing is learnt at any epsilon) and the noise multiplier that spends epsilon E (delta 1e-5) over the
   run (``federated.dp.target_epsilon=E federated.dp.noise_multiplier=0``).
 * ``comp/<name>``: as ``dp/none`` without DP, uploads compressed: none, lowrank (rank 8),
-  topk (10%, error feedback), int8 (block-wise).
+  topk (10%, error feedback), int8 (block-wise), ternary (ComPEFT: top 10% signs x one scale
+  per tensor, error feedback).
 
     python bench/federated.py                  # ~10 min on 2 busy cores; table + federated.png
     python bench/federated.py --rounds 5       # quicker look
@@ -77,6 +78,7 @@ def runs(epsilons: list[float], dp_clip: float = 2.0) -> dict[str, dict]:
     out["comp/lowrank"] = {**SAMPLED, "federated.compression": "lowrank", "federated.compression_rank": 8}
     out["comp/topk"] = {**SAMPLED, "federated.compression": "topk", "federated.compression_fraction": 0.1}
     out["comp/int8"] = {**SAMPLED, "federated.compression": "int8"}
+    out["comp/ternary"] = {**SAMPLED, "federated.compression": "ternary", "federated.compression_fraction": 0.1}
     return out
 
 

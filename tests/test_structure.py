@@ -85,7 +85,7 @@ def test_imports_flow_one_way():
 
 
 OWN = ["adamw8bit", "galore_adamw", "galore_adafactor", "galore_adamw8bit", "qgalore_adamw8bit", "mezo", "sparse_mezo",
-       "lisa", "apollo_adamw", "apollo_mini", "apollo_adamw8bit", "fira_adamw"]
+       "lisa", "apollo_adamw", "apollo_mini", "apollo_adamw8bit", "fira_adamw", "natural_galore_adamw"]
 
 
 @pytest.mark.parametrize("name", OWN)
@@ -93,7 +93,7 @@ OWN = ["adamw8bit", "galore_adamw", "galore_adafactor", "galore_adamw8bit", "qga
 def test_registry_spec_is_what_the_built_optimizer_declares(name, layerwise):
     """The registry's spec (known before building) and the instance's spec cannot drift apart."""
     kwargs = {"lr": 1e-3}
-    if name in ("galore_adamw", "galore_adafactor", "galore_adamw8bit"):
+    if name in ("galore_adamw", "galore_adafactor", "galore_adamw8bit", "natural_galore_adamw"):
         kwargs.update(rank=4, update_proj_gap=5, layerwise=layerwise)
     if name == "galore_adafactor":
         kwargs.update(relative_step=False)

@@ -7,7 +7,7 @@ Algorithm modules (see docs/federated_algorithms.md):
 * :mod:`.strategies`: FedAvg, FedProx, FedAdam, FedYogi, FedAU;
 * :mod:`.privacy`: DP-FedAvg (clipping, fixed-denominator noised mean, adaptive clipping) and
   the RDP privacy accountant (Opacus);
-* :mod:`.compression`: low-rank, top-k with error feedback and 8-bit compression of deltas.
+* :mod:`.compression`: low-rank, top-k with error feedback, 8-bit and ternary (ComPEFT) compression of deltas.
 
 The simulation (see docs/federated.md): :mod:`.config` (``slimtrain federated``'s keys),
 :mod:`.client` (one model instance runs every client), :mod:`.store` (per-client state on disk),
@@ -35,6 +35,7 @@ from .compression import (
     LowRankCompressor,
     NoCompression,
     QuantizedCompressor,
+    TernaryCompressor,
     TopKCompressor,
     build_compressor,
 )
@@ -97,6 +98,7 @@ __all__ = [
     "PrivacyAccountant",
     "QuantizedCompressor",
     "Strategy",
+    "TernaryCompressor",
     "TopKCompressor",
     "build_availability",
     "build_compressor",

@@ -87,7 +87,7 @@ class FederatedConfig:
     compression: str = setting("none", "client-upload compression (DP clip + noise act after decompression)",
                           choices=COMPRESSORS)
     compression_rank: int = setting(8, "rank for compression=lowrank")
-    compression_fraction: float = setting(0.01, "kept fraction of entries for compression=topk")
+    compression_fraction: float = setting(0.01, "kept fraction of entries for compression=topk / ternary")
     spill_replies: bool = setting(True, "keep each reply's (decompressed) delta in a file under <output_dir>/replies "
                              "until aggregation reads it: memory O(model) however many clients reply in a round "
                              "(false: hold them in memory, faster for small models)")

@@ -185,7 +185,8 @@ class FederatedSimulation:
         from .compression import build_compressor
 
         fc = self.cfg.federated
-        kwargs = {"lowrank": {"rank": fc.compression_rank, "seed": fc.seed}, "topk": {"fraction": fc.compression_fraction}}
+        kwargs = {"lowrank": {"rank": fc.compression_rank, "seed": fc.seed}, "topk": {"fraction": fc.compression_fraction},
+                  "ternary": {"fraction": fc.compression_fraction}}
         return build_compressor(fc.compression, **kwargs.get(fc.compression, {}))
 
     def _configured_fault(self, round_idx: int, client_id: int) -> str | None:

@@ -11,6 +11,7 @@ from .qgalore import QGaLoreAdamW8bit, QuantLinear, qgalore_param_groups, quanti
 from .apollo import APOLLOAdamW, APOLLOMini, apollo_adamw, apollo_param_groups
 from .apollo_adamw8bit import APOLLOAdamW8bit, APOLLOMini8bit, apollo_adamw8bit
 from .fira import FiraAdamW, fira_adamw
+from .welore import LowRankLinear, welore_compress, welore_merge, welore_param_groups
 from . import projector
 
 __all__ = [
@@ -46,4 +47,8 @@ __all__ = [
     "apollo_adamw8bit",
     "FiraAdamW",
     "fira_adamw",
+    "LowRankLinear",
+    "welore_compress",
+    "welore_merge",
+    "welore_param_groups",
 ]

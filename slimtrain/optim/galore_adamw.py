@@ -14,6 +14,7 @@ from torch import Tensor
 from .validation import check_adam_args
 from . import projector as proj
 from .galore_base import GaLoreOptimizerBase
+from .natural import NATURAL_DEFAULT_DAMPING, check_natural_args
 
 
 def galore_adamw(
@@ -139,6 +140,13 @@ class GaLoreAdamW(GaLoreOptimizerBase):
       ``proj_seed`` (randomized probes are seeded per tensor and step, not from global RNG),
       ``max_grad_norm`` (per-tensor clipping of the optimizer-space gradient; see
       ``docs/galore.md``);
+    * ``natural_history=s`` (> 0; constructor argument or group key) with ``natural_damping``
+      (lambda, default 1e-3): **Natural GaLore** (Das 2024, arXiv:2410.16029). The low-rank
+      gradient (after clipping) is replaced by ``(lambda I + G G^T)^{-1} g`` over the last ``s``
+      low-rank gradients ``G``, computed with Woodbury's identity from an ``s x s`` system, and
+      that is what Adam's moments see. Costs ``s`` extra copies of the low-rank gradient per
+      matrix (``s m r`` floats for the (m, r) case above), kept across projector refreshes as the
+      reference code does; see ``slimtrain.optim.natural`` and ``docs/galore.md``;
     * ``layerwise=True``: each tensor is updated in its post-accumulate-grad hook, so at most
       one full gradient is alive; ``accumulation_steps=k`` accumulates the *projected*
       gradient between micro-batches. ``step()`` then only flushes stragglers.
@@ -160,11 +168,15 @@ class GaLoreAdamW(GaLoreOptimizerBase):
         correct_bias: bool = True,
         no_deprecation_warning: bool = True,  # accepted for galore-torch compatibility
         *,
+        natural_history: int = 0,
+        natural_damping: float = NATURAL_DEFAULT_DAMPING,
         layerwise: bool = False,
         accumulation_steps: int = 1,
     ):
         check_adam_args(lr, betas, eps, weight_decay)
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias)
+        check_natural_args(natural_history, natural_damping)
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias,
+                        natural_history=natural_history, natural_damping=natural_damping)
         super().__init__(params, defaults, layerwise=layerwise, accumulation_steps=accumulation_steps)
 
     # ------------------------------------------------------------------ split step (sharded DP)
@@ -173,7 +185,7 @@ class GaLoreAdamW(GaLoreOptimizerBase):
         counter, and return the low-rank direction (same shape as ``low_grad``) to broadcast."""
         group = self._group_of(p)
         state = self.state[p]
-        low_grad = self._clip(low_grad, group["max_grad_norm"])
+        low_grad = self._precondition(p, low_grad, group)
         self._init_moments(state, low_grad)
         beta1, beta2 = group["betas"]
         return adam_direction(low_grad.to(state["exp_avg"].dtype), state["exp_avg"], state["exp_avg_sq"],

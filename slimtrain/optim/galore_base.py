@@ -17,6 +17,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import projector as proj
+from .natural import NATURAL_DEFAULT_DAMPING, check_natural_args, natural_gradient
 from .spec import OptimizerSpec
 from .state_dtypes import restore_state_dtypes
 
@@ -74,7 +75,9 @@ class GaLoreOptimizerBase(Optimizer):
     def __init__(self, params, defaults: dict, *, layerwise: bool = False, accumulation_steps: int = 1):
         if not isinstance(accumulation_steps, int) or accumulation_steps < 1:
             raise ValueError(f"accumulation_steps={accumulation_steps!r} must be an integer >= 1")
-        defaults = {"max_grad_norm": None, **defaults}
+        # natural_history > 0 turns a rank group into Natural GaLore (slimtrain.optim.natural)
+        defaults = {"max_grad_norm": None, "natural_history": 0, "natural_damping": NATURAL_DEFAULT_DAMPING,
+                    **defaults}
         super().__init__(params, defaults)
         self.layerwise = layerwise
         self.accumulation_steps = accumulation_steps
@@ -96,6 +99,7 @@ class GaLoreOptimizerBase(Optimizer):
                 param_group.setdefault(key, value)
             self._validate_galore_group(param_group)
         super().add_param_group(param_group)
+        check_natural_args(self.param_groups[-1]["natural_history"], self.param_groups[-1]["natural_damping"])
         if "rank" in param_group:
             index = len(self.param_groups) - 1
             for i, p in enumerate(self.param_groups[-1]["params"]):
@@ -214,10 +218,25 @@ class GaLoreOptimizerBase(Optimizer):
         norm = torch.linalg.vector_norm(grad.float())
         return grad * (max_norm / (norm + 1e-6)).clamp(max=1.0).to(grad.dtype)
 
+    def _precondition(self, p: Tensor, low: Tensor, group: dict) -> Tensor:
+        """Clip, then (Natural GaLore, rank groups with ``natural_history > 0``) apply the inverse
+        empirical Fisher of the last ``natural_history`` low-rank gradients: what the moments see."""
+        low = self._clip(low, group["max_grad_norm"])
+        history = group.get("natural_history", 0)  # .get: checkpoints from before the option
+        if "rank" not in group or not history:
+            return low
+        state = self.state[p]
+        if "nat_history" not in state:
+            dtype = torch.float32 if low.dtype in (torch.float16, torch.bfloat16) else low.dtype
+            state["nat_history"] = torch.zeros(history, low.numel(), dtype=dtype, device=low.device)
+            state["nat_count"] = torch.zeros((), dtype=torch.int64)
+        return natural_gradient(low, state["nat_history"], state["nat_count"],
+                                group.get("natural_damping", NATURAL_DEFAULT_DAMPING))
+
     def _apply(self, p: Tensor, grad: Tensor, group: dict) -> None:
-        """Project (if GaLore), clip, and update one tensor."""
+        """Project (if GaLore), clip, precondition (if Natural GaLore), and update one tensor."""
         low = self.to_optimizer_space(p, grad, group)
-        self._update(p, self._clip(low, group["max_grad_norm"]), self.state[p], group)
+        self._update(p, self._precondition(p, low, group), self.state[p], group)
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()
@@ -233,7 +252,7 @@ class GaLoreOptimizerBase(Optimizer):
             for p in group["params"]:
                 state = self.state[p]
                 if "grad_acc" in state:  # projected gradient handed in by set_projected_grad
-                    self._update(p, self._clip(state.pop("grad_acc"), group["max_grad_norm"]), state, group)
+                    self._update(p, self._precondition(p, state.pop("grad_acc"), group), state, group)
                     continue
                 if p.grad is None:
                     continue
@@ -367,7 +386,7 @@ class GaLoreOptimizerBase(Optimizer):
         if acc is not None:
             if p.grad is not None:  # mixed: an earlier micro-batch was full-rank
                 acc = acc + proj.project(p.grad, state.get("proj_left"), state.get("proj_right"))
-            self._update(p, self._clip(acc, group["max_grad_norm"]), state, group)
+            self._update(p, self._precondition(p, acc, group), state, group)
         elif p.grad is not None:
             self._apply(p, p.grad, group)
         p.grad = None

@@ -45,7 +45,8 @@ class Entry:
         return self.spec(kwargs) if callable(self.spec) else self.spec
 
 _GALORE_KEYS = ("target_modules", "rank", "update_proj_gap", "scale", "proj_type", "proj_method",
-                "oversample", "power_iters", "proj_seed", "max_grad_norm")
+                "oversample", "power_iters", "proj_seed", "max_grad_norm", "natural_history",
+                "natural_damping")
 _APOLLO_KEYS = ("target_modules", "rank", "update_proj_gap", "scale", "proj_type", "scale_type", "proj_seed")
 
 
@@ -71,6 +72,14 @@ def _apollo_factory(cls, **group_defaults) -> OptimizerFactory:
 
     build.__doc__ = f"{cls.__name__} over galore_param_groups(model, ...) with APOLLO's group keys"
     return build
+
+
+def _natural_galore_adamw(model: nn.Module, natural_history: int = 10, **kwargs) -> GaLoreAdamW:
+    """Natural GaLore (Das 2024): GaLoreAdamW with a history of ``natural_history`` low-rank gradients."""
+    if isinstance(natural_history, bool) or not isinstance(natural_history, int) or natural_history < 1:
+        raise ValueError(f"natural_history={natural_history!r}: natural_galore_adamw needs a history of at least 1 "
+                         "projected gradient (allowed: an integer >= 1, e.g. 10); for plain GaLore use galore_adamw")
+    return _galore_factory(GaLoreAdamW)(model, natural_history=natural_history, **kwargs)
 
 
 def _plain(cls) -> OptimizerFactory:
@@ -127,6 +136,7 @@ def _qgalore(model: nn.Module, weight_bits: int = 8, weight_group_size: int = 25
 OPTIMIZERS: dict[str, Entry] = {
     "adamw": Entry(_plain(torch.optim.AdamW)),
     "galore_adamw": Entry(_galore_factory(GaLoreAdamW), _galore_spec(GaLoreAdamW)),
+    "natural_galore_adamw": Entry(_natural_galore_adamw, _galore_spec(GaLoreAdamW)),
     "galore_adafactor": Entry(_galore_factory(GaLoreAdafactor), _galore_spec(GaLoreAdafactor)),
     "adamw8bit": Entry(_plain(AdamW8bit), AdamW8bit.spec),
     "galore_adamw8bit": Entry(_galore_factory(GaLoreAdamW8bit), _galore_spec(GaLoreAdamW8bit)),

@@ -262,3 +262,11 @@ def test_bad_inputs_name_the_argument_and_range(kwargs, match):
         GaLoreAdamW(_groups(model), lr=1e-3, **kwargs)
     with pytest.raises(ValueError, match=match):  # as a group key too
         GaLoreAdamW(_groups(model, **kwargs), lr=1e-3)
+
+
+def test_registry_entry_refuses_a_history_of_zero():
+    """natural_galore_adamw without a history would be plain GaLore in disguise: a clear error instead."""
+    from slimtrain.optim.registry import build_optimizer
+
+    with pytest.raises(ValueError, match=r"natural_history=0.*integer >= 1"):
+        build_optimizer("natural_galore_adamw", tiny_llama(), lr=1e-3, rank=4, natural_history=0)

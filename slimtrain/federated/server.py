@@ -150,7 +150,7 @@ class FederatedSimulation:
             if clear_clients:
                 # client states of an earlier, never checkpointed run would silently change this one
                 self.store.clear()
-        self.last_checkpoint = ckpt.latest_checkpoint(self.ckpt_root)
+        self.last_checkpoint = ckpt.latest_good_checkpoint(self.ckpt_root, warn=False)
 
     # ------------------------------------------------------------------ build
     def _build_strategy(self):
@@ -467,8 +467,8 @@ def plot_rounds(metrics: list[dict], path: str) -> str | None:
         warnings.warn("matplotlib is not installed: no loss.png (pip install matplotlib)")
         return None
     fig, ax = plt.subplots(figsize=(7, 4))
-    train = [(m["round"], m["loss"]) for m in metrics if "loss" in m]
-    evals = [(m["round"], m["eval_loss"]) for m in metrics if "eval_loss" in m]
+    train = [(m["round"], m["loss"]) for m in metrics if m.get("loss") is not None]  # null: non-finite
+    evals = [(m["round"], m["eval_loss"]) for m in metrics if m.get("eval_loss") is not None]
     if train:
         ax.plot(*zip(*train), lw=1, label="mean client train loss")
     if evals:
@@ -476,7 +476,7 @@ def plot_rounds(metrics: list[dict], path: str) -> str | None:
     ax.set_xlabel("round")
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.grid(alpha=0.3)
-    eps = [(m["round"], m["epsilon"]) for m in metrics if "epsilon" in m]
+    eps = [(m["round"], m["epsilon"]) for m in metrics if m.get("epsilon") is not None]
     if eps:
         ax2 = ax.twinx()
         ax2.plot(*zip(*eps), "k--", lw=1, label="epsilon")

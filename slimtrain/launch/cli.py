@@ -68,6 +68,7 @@ def _run_train(args: argparse.Namespace) -> int:
 
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from ..run.checkpoint import CheckpointError
     from ..run.data import DataError
     from ..trainer.trainer import Trainer, TrainingStopped
 
@@ -75,7 +76,7 @@ def _run_train(args: argparse.Namespace) -> int:
     try:
         trainer = Trainer(cfg, resume=args.resume)
         trainer.train()
-    except (ConfigError, DataError, FileNotFoundError) as e:
+    except (ConfigError, DataError, FileNotFoundError, CheckpointError) as e:
         print(f"slimtrain train: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
     except TrainingStopped as e:
@@ -105,11 +106,12 @@ def _run_federated(args: argparse.Namespace) -> int:
         return 2
 
     from ..federated.server import FederatedSimulation
+    from ..run.checkpoint import CheckpointError
     from ..run.data import DataError
 
     try:
         FederatedSimulation(cfg, resume=args.resume).run()
-    except (ConfigError, DataError, FileNotFoundError) as e:
+    except (ConfigError, DataError, FileNotFoundError, CheckpointError) as e:
         print(f"slimtrain federated: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
     return 0

@@ -61,6 +61,9 @@ class GaLoreOptimizerBase(Optimizer):
         # except on refresh steps, when the full gradient is averaged so every rank computes
         # the same projector.
         self.grad_reducer: Callable[[Tensor], None] | None = None
+        # Layer-wise mode: tensors whose (reduced) gradient was NaN/Inf and so were not updated;
+        # a trainer compares it before and after a step to know the step was not whole.
+        self.nonfinite_refused = 0
         if layerwise:
             self._register_layerwise_hooks()
 
@@ -304,6 +307,12 @@ class GaLoreOptimizerBase(Optimizer):
             for t in (acc, p.grad):
                 if t is not None:
                     self.grad_reducer(t)
+        if not all(bool(torch.isfinite(t).all()) for t in (acc, p.grad) if t is not None):
+            # a NaN/Inf piece (already reduced over ranks, so every rank decides alike) is refused,
+            # never applied; the trainer reads the counter and treats the step as skipped
+            self.nonfinite_refused += 1
+            p.grad = None
+            return
         if acc is not None:
             if p.grad is not None:  # mixed: an earlier micro-batch was full-rank
                 acc = acc + proj.project(p.grad, state.get("proj_left"), state.get("proj_right"))

@@ -378,6 +378,7 @@ class MeZO(Optimizer):
         self.model = model
         self._seed_gen = torch.Generator().manual_seed(int(seed))
         self._zo_step = torch.tensor(0, dtype=torch.int64)
+        self.nonfinite_refused = 0  # steps whose projected gradient was NaN/Inf (not applied)
         self._last_seeds = torch.zeros(0, dtype=torch.int64)
         self._last_grads = torch.zeros(0, dtype=torch.float64)
 
@@ -424,6 +425,11 @@ class MeZO(Optimizer):
                 grads[k], loss = spsa_grad(evaluate, params, int(seeds[k]), eps, thresholds=thresholds,
                                            chunk_size=self.chunk_size)
                 first_loss = loss if first_loss is None else first_loss
+        if not bool(torch.isfinite(grads).all()):
+            # A NaN/Inf loss gives a NaN projected gradient: the perturbations were already undone
+            # bit-exactly, so refusing the update leaves the weights exactly as they were.
+            self.nonfinite_refused += 1
+            return torch.tensor(first_loss)
         # one update per param group so per-group lr / weight decay apply
         offset = 0
         for group in self.param_groups:

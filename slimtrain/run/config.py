@@ -105,6 +105,8 @@ class TrainConfig:
     nan_policy: str = _f("stop", "on a non-finite loss: stop (naming the checkpoint to resume from) or skip the "
                          "step", choices=("stop", "skip"))
     max_nan_skips: int = _f(10, "with nan_policy=skip, stop after this many consecutive skipped steps")
+    divergence_margin: float = _f(2.0, "stop when an eval loss exceeds the initial eval loss (measured before "
+                                  "the first step) by more than this many nats, or is non-finite (0: off)")
     progress: bool = _f(True, "show a tqdm progress bar on rank 0")
 
     def __post_init__(self):
@@ -114,6 +116,8 @@ class TrainConfig:
             _check(getattr(self, key) >= 0, f"train.{key}", getattr(self, key), "must be >= 0")
         _check(0.0 <= self.min_lr_ratio <= 1.0, "train.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
         _check(self.max_grad_norm >= 0, "train.max_grad_norm", self.max_grad_norm, "must be >= 0 (0 turns it off)")
+        _check(self.divergence_margin >= 0 and math.isfinite(self.divergence_margin), "train.divergence_margin",
+               self.divergence_margin, "must be a number >= 0 (0 turns the check off)")
 
 
 @dataclass

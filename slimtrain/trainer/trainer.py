@@ -48,12 +48,14 @@ from ..parallel.data_parallel import DataParallelOptimizer, galore_optimizer_of
 from ..run import checkpoint as ckpt
 from ..run.config import Config, ConfigError, to_dict
 from ..run.data import BlockOrder, build_tokenizer, pack
-from ..run.metrics import MetricsWriter, format_summary, peak_memory_mb, plot_losses, read_metrics
+from ..run.guard import DivergenceGuard, grads_finite
+from ..run.metrics import MetricsWriter, dump_json, format_summary, peak_memory_mb, plot_losses, read_metrics
 from ..run.model import build_model, count_parameters
 
 
 class TrainingStopped(RuntimeError):
-    """Training stopped on bad input (non-finite loss); the message names the checkpoint to resume from."""
+    """Training stopped on bad input (non-finite loss / gradients, divergence); the message names a
+    verified checkpoint to resume from."""
 
 
 def _free_port() -> int:
@@ -122,9 +124,10 @@ class Trainer:
         self.step = 0
         self.nan_skips = 0
         self.resumed_from = None
+        self.divergence = DivergenceGuard(cfg.train.divergence_margin)
         if resume:
             self._load(ckpt.resolve_resume(self.ckpt_root, resume))
-        self.last_checkpoint = ckpt.latest_checkpoint(self.ckpt_root)
+        self.last_checkpoint = ckpt.latest_good_checkpoint(self.ckpt_root, warn=False)
 
     # ------------------------------------------------------------------ build
     def _setup_distributed(self) -> None:
@@ -294,6 +297,7 @@ class Trainer:
 
     def _step_backprop(self, step: int) -> tuple[torch.Tensor, float, bool]:
         ga = self.cfg.train.grad_accum
+        refused = getattr(self.optimizer, "nonfinite_refused", 0)  # layer-wise hooks count refused pieces
         total = torch.zeros((), device=self.device)
         module = self.engine if self.engine is not None else self.model
         for m in range(ga):
@@ -315,16 +319,26 @@ class Trainer:
             norm = self.engine.get_global_grad_norm()
             grad_norm = float(norm) if norm is not None else float("nan")
         else:
-            if not finite:
+            if self.layerwise:  # the hooks refuse non-finite pieces (after reducing them) and count them
+                if finite:
+                    self.optimizer.step()  # flushes what the hooks did not update
+                self.optimizer.zero_grad(set_to_none=True)
+                if not finite or getattr(self.optimizer, "nonfinite_refused", 0) != refused:
+                    return total, grad_norm, False
+                self.scheduler.step()
+                return total, grad_norm, True
+            # every rank's gradients checked before any communication or projector refresh
+            if not finite or not grads_finite(self.model.parameters()):
                 self.optimizer.zero_grad(set_to_none=True)
                 return total, grad_norm, False
-            if self.layerwise:
-                self.optimizer.step()  # flushes what the hooks did not update
-            else:
-                self.dp.sync_gradients()
-                if self.cfg.train.max_grad_norm > 0:
-                    grad_norm = self.dp.clip_grad_norm_(self.cfg.train.max_grad_norm)
-                self.dp.step()
+            self.dp.sync_gradients()
+            max_norm = self.cfg.train.max_grad_norm
+            grad_norm = self.dp.clip_grad_norm_(max_norm) if max_norm > 0 else self.dp.grad_norm()
+            if not math.isfinite(grad_norm):  # the reduced gradients overflowed
+                self.dp.discard()
+                self.optimizer.zero_grad(set_to_none=True)
+                return total, grad_norm, False
+            self.dp.step()
             self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         return total, grad_norm, True
@@ -351,7 +365,8 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def _trainer_state(self) -> dict:
         return {"step": self.step, "data_position": self.step * self.global_batch, "world_size": self.world,
-                "scheduler": self.scheduler.state_dict(), "nan_skips": self.nan_skips, "config": to_dict(self.cfg)}
+                "scheduler": self.scheduler.state_dict(), "nan_skips": self.nan_skips, "config": to_dict(self.cfg),
+                "initial_eval_loss": self.divergence.initial}
 
     def save(self) -> str | None:
         """Checkpoint the current step; on a failed write (e.g. disk full) warn and keep the last good one."""
@@ -364,6 +379,8 @@ class Trainer:
                 optim_state=None if partitioned or sharded else self.optimizer.state_dict(),
                 trainer_state=self._trainer_state(), engine=self.engine if partitioned else None,
                 keep=self.cfg.checkpoint.keep, rank_files={"optim": self.dp.state_dict()} if sharded else None)
+        except ckpt.NonFiniteState as e:
+            raise TrainingStopped(f"{e}. {self._resume_hint()}") from None
         except OSError as e:
             self._say(f"WARNING: could not save the checkpoint of step {self.step} ({e}); training goes on, "
                       f"the last good checkpoint is {self.last_checkpoint}")
@@ -400,6 +417,7 @@ class Trainer:
                 self.dp.load_state_dict(shards)
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.nan_skips = state["step"], state["nan_skips"]
+        self.divergence.initial = state.get("initial_eval_loss")
         if state["data_position"] != self.step * self.global_batch and self.rank == 0:
             warnings.warn(f"the global batch changed since the checkpoint ({state['data_position']} samples "
                           f"after {self.step} steps); the data order continues from step {self.step}")
@@ -433,6 +451,8 @@ class Trainer:
         bar = tqdm(total=cfg.train.steps, initial=self.step, disable=self.rank != 0 or not cfg.train.progress,
                    unit="step", dynamic_ncols=True)
         self.model.train()
+        if self.divergence.enabled and self.divergence.initial is None:
+            self.divergence.initial = self.evaluate()[0]  # the reference the divergence check compares with
         start, trained_steps, consecutive_skips = time.perf_counter(), 0, 0
         try:
             while self.step < cfg.train.steps:
@@ -449,7 +469,7 @@ class Trainer:
                     self.nan_skips += 1
                     if cfg.train.nan_policy == "stop" or self.zeroth_order or consecutive_skips > cfg.train.max_nan_skips:
                         raise TrainingStopped(self._nan_message(loss, consecutive_skips))
-                    self._say(f"WARNING: non-finite loss {loss} at step {self.step + 1}; step skipped "
+                    self._say(f"WARNING: non-finite loss or gradients (loss {loss}) at step {self.step + 1}; step skipped "
                               f"({consecutive_skips} in a row, limit train.max_nan_skips={cfg.train.max_nan_skips})")
                     with warnings.catch_warnings():  # torch warns when no optimizer step preceded it
                         warnings.simplefilter("ignore", UserWarning)
@@ -474,12 +494,14 @@ class Trainer:
                     if writer:
                         writer.write({"step": self.step, "eval_loss": eval_loss, "eval_ppl": ppl})
                     self._say(f"step {self.step}: eval loss {eval_loss:.4f}, perplexity {ppl:.2f}")
+                    self._check_divergence(eval_loss)
                 if last or (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0):
                     self.save()
             train_time = time.perf_counter() - start
             eval_loss, ppl = self.evaluate()
             if writer:
                 writer.write({"step": self.step, "eval_loss": eval_loss, "eval_ppl": ppl})
+            self._check_divergence(eval_loss)
         finally:
             bar.close()
             if writer:
@@ -502,18 +524,29 @@ class Trainer:
             metrics = read_metrics(os.path.join(cfg.output_dir, "metrics.jsonl"))
             summary["loss_plot"] = plot_losses(metrics, os.path.join(cfg.output_dir, "loss.png"))
             with open(os.path.join(cfg.output_dir, "summary.json"), "w") as fh:
-                json.dump(summary, fh, indent=2)
+                dump_json(summary, fh, indent=2)
             self._say(format_summary(summary))
         return summary
 
+    def _resume_hint(self) -> str:
+        good = ckpt.latest_good_checkpoint(self.ckpt_root, warn=False) if self.rank == 0 else self.last_checkpoint
+        return (f"resume with: slimtrain train ... --resume {good}" if good
+                else "no checkpoint was written yet; restart from scratch")
+
+    def _check_divergence(self, eval_loss: float) -> None:
+        why = self.divergence.check(eval_loss, self.step)
+        if why is not None:
+            raise TrainingStopped(f"{why}. {self._resume_hint()} with a lower optim.lr (--allow-lr-change), or "
+                                  "raise train.divergence_margin (0 turns the check off)")
+
     def _nan_message(self, loss: float, skips: int) -> str:
-        resume = (f"resume with: slimtrain train ... --resume {self.last_checkpoint}" if self.last_checkpoint
-                  else "no checkpoint was written yet; restart from scratch")
         why = "train.nan_policy=stop" if self.cfg.train.nan_policy == "stop" else (
             f"{skips} consecutive skipped steps > train.max_nan_skips" if not self.zeroth_order
             else "a zeroth-order step cannot be skipped")
-        return (f"non-finite loss {loss} at step {self.step + 1} ({why}); parameters from that step were not "
-                f"applied. {resume} (consider a lower optim.lr, train.bf16=false, or train.nan_policy=skip)")
+        what = f"non-finite loss {loss}" if not math.isfinite(loss) else f"non-finite gradients (loss {loss})"
+        return (f"{what} at step {self.step + 1} ({why}); parameters from that step were not "
+                f"applied. {self._resume_hint()} (consider a lower optim.lr, train.bf16=false, or "
+                "train.nan_policy=skip)")
 
     def close(self) -> None:
         if self._owns_pg and dist.is_initialized():

@@ -39,6 +39,7 @@ from ..optim.registry import available_optimizers
 from ..run import checkpoint as ckpt
 from ..run.config import ConfigError, to_dict
 from ..run.data import build_tokenizer, pack
+from ..run.rundir import claim_output_dir
 from ..run.metrics import MetricsWriter, format_summary, peak_memory_mb, read_metrics
 from ..run.model import build_model, count_parameters
 from .availability import build_availability, sample_clients
@@ -72,14 +73,31 @@ class FederatedSimulation:
     """Build everything a :class:`~.config.FedRunConfig` describes, then :meth:`run` it.
 
     ``resume``: ``True`` (newest checkpoint under ``<output_dir>/checkpoints``), a checkpoint
-    directory, or None. ``fault_fn`` overrides the configured fault injection. A fresh start
-    refuses an ``output_dir`` holding checkpoints and, unless ``clear_clients=False`` (Flower
-    client processes sharing one store), deletes client files left by an earlier run.
+    directory, or None. ``fault_fn`` overrides the configured fault injection. The server side
+    (``clear_clients=True``) locks ``output_dir`` until :meth:`run` ends and, on a fresh start,
+    refuses a directory holding checkpoints (``overwrite`` deletes them) and deletes client files
+    left by an earlier run; Flower client processes (``clear_clients=False``) share the store.
     """
 
     def __init__(self, cfg: FedRunConfig, resume: str | bool | None = None, fault_fn: FaultFn | None = None,
-                 clear_clients: bool = True):
+                 clear_clients: bool = True, overwrite: bool = False):
         self.cfg = cfg
+        # before anything is read, deleted or written there
+        self.run_lock = (claim_output_dir(cfg.output_dir, resuming=bool(resume), overwrite=overwrite,
+                                          command="federated") if clear_clients else None)
+        try:
+            self._build(resume, fault_fn, clear_clients)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Release the output directory (``run`` does it when it ends)."""
+        if self.run_lock is not None:
+            self.run_lock.release()
+
+    def _build(self, resume, fault_fn, clear_clients) -> None:
+        cfg = self.cfg
         fc = cfg.federated
         self.fault_fn = fault_fn if fault_fn is not None else self._configured_fault
         self.ckpt_root = os.path.join(cfg.output_dir, "checkpoints")
@@ -142,11 +160,7 @@ class FederatedSimulation:
         self.resumed_from = None
         if resume:
             self._load(ckpt.resolve_resume(self.ckpt_root, resume))
-        else:
-            found = ckpt.latest_checkpoint(self.ckpt_root)
-            if found is not None:
-                raise ConfigError(f"output_dir={cfg.output_dir!r} holds checkpoints of an earlier run ({found}); "
-                                  "continue it with --resume, or choose another output_dir")
+        else:  # claim_output_dir refused a directory with another run's checkpoints
             if clear_clients:
                 # client states of an earlier, never checkpointed run would silently change this one
                 self.store.clear()
@@ -427,6 +441,7 @@ class FederatedSimulation:
         finally:
             bar.close()
             writer.close()
+            self.close()
         summary = {
             "rounds": self.round,
             "rounds_this_run": rounds_this_run,

@@ -26,6 +26,8 @@ def _add_run_args(p: argparse.ArgumentParser, example: str, config_help: str, re
     p.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
                    help="continue from CHECKPOINT, or without a value from the newest one in <output_dir>/checkpoints"
                         + resume_note)
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a fresh run in an output directory that holds another run's checkpoints, deleting them")
     p.add_argument("--help-config", action="store_true", help="list every config key with its default and meaning")
 
 
@@ -74,7 +76,7 @@ def _run_train(args: argparse.Namespace) -> int:
 
     trainer = None
     try:
-        trainer = Trainer(cfg, resume=args.resume)
+        trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite)
         trainer.train()
     except (ConfigError, DataError, FileNotFoundError, CheckpointError) as e:
         print(f"slimtrain train: {type(e).__name__}: {e}", file=sys.stderr)
@@ -110,7 +112,7 @@ def _run_federated(args: argparse.Namespace) -> int:
     from ..run.data import DataError
 
     try:
-        FederatedSimulation(cfg, resume=args.resume).run()
+        FederatedSimulation(cfg, resume=args.resume, overwrite=args.overwrite).run()
     except (ConfigError, DataError, FileNotFoundError, CheckpointError) as e:
         print(f"slimtrain federated: {type(e).__name__}: {e}", file=sys.stderr)
         return 2

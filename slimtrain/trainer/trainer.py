@@ -49,6 +49,7 @@ from ..run import checkpoint as ckpt
 from ..run.config import Config, ConfigError, to_dict
 from ..run.data import BlockOrder, build_tokenizer, pack
 from ..run.guard import DivergenceGuard, grads_finite
+from ..run.rundir import claim_output_dir
 from ..run.metrics import MetricsWriter, dump_json, format_summary, peak_memory_mb, plot_losses, read_metrics
 from ..run.model import build_model, count_parameters
 
@@ -83,10 +84,14 @@ def is_shape_dependent(optimizer) -> bool:
 
 class Trainer:
     """Train ``cfg`` (see :mod:`slimtrain.run.config`); ``resume`` is a checkpoint directory,
-    ``True`` (the newest one under ``<output_dir>/checkpoints``) or None."""
+    ``True`` (the newest verified one under ``<output_dir>/checkpoints``) or None. The output
+    directory is locked until :meth:`close`; ``overwrite`` lets a fresh run delete another run's
+    checkpoints there (refused otherwise)."""
 
-    def __init__(self, cfg: Config, resume: str | bool | None = None):
+    def __init__(self, cfg: Config, resume: str | bool | None = None, overwrite: bool = False):
         self.cfg = cfg
+        self.overwrite = overwrite
+        self.run_lock = None
         self._owns_pg = False
         self._setup_distributed()
         try:
@@ -97,6 +102,9 @@ class Trainer:
 
     def _build(self, resume) -> None:
         cfg = self.cfg
+        # before anything is read, deleted or written there
+        self.run_lock = claim_output_dir(cfg.output_dir, resuming=bool(resume), overwrite=self.overwrite,
+                                         command="train", rank=self.rank)
         self._seed_everything(cfg.train.seed)
         self.ckpt_root = os.path.join(cfg.output_dir, "checkpoints")
 
@@ -549,5 +557,7 @@ class Trainer:
                 "train.nan_policy=skip)")
 
     def close(self) -> None:
+        if self.run_lock is not None:
+            self.run_lock.release()
         if self._owns_pg and dist.is_initialized():
             dist.destroy_process_group()

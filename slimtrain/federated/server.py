@@ -37,7 +37,7 @@ import yaml
 
 from ..optim.registry import available_optimizers
 from ..run import checkpoint as ckpt
-from ..run.config import ConfigError, to_dict
+from ..run.config import ConfigError, check_resume_config, to_dict
 from ..run.data import build_tokenizer, pack
 from ..run.rundir import claim_output_dir
 from ..run.metrics import MetricsWriter, format_summary, peak_memory_mb, read_metrics
@@ -53,20 +53,17 @@ from .strategies import ClientUpdate, build_strategy
 # ``federated.fail_prob``. Tests pass their own to fail chosen clients.
 FaultFn = Callable[[int, int], "str | None"]
 
-# Keys that fix who holds which data: a resume with other values would be a different run.
-_RESUME_IDENTITY = ("federated.clients", "federated.seed", "federated.partition", "federated.alpha",
-                    "federated.shards_per_client", "data", "model")
+# What a resumed federated run may change (applied and recorded): its length, cadences, progress
+# and scratch handling, the fault injection and deadline. Everything else is refused: who holds
+# which data, the model, the client optimizer, the strategy and every DP parameter (a changed
+# delta or noise would make the reported epsilon meaningless, even lower than before).
+_RESUME_MAY_CHANGE = ("output_dir", "federated.rounds", "federated.eval_every", "federated.checkpoint_every",
+                      "federated.progress", "federated.spill_replies", "federated.timeout_s", "federated.fail_prob")
 
 # Optimizers that rebuild the model itself (QGaLore swaps nn.Linear for INT8 layers) cannot be
 # built once per client on a shared model.
 _UNSUPPORTED_OPTIMIZERS = {"qgalore_adamw8bit": "it replaces the model's linear layers in place when built, "
                                                 "which cannot happen once per client on one shared model"}
-
-
-def _get(d: dict, dotted: str):
-    for part in dotted.split("."):
-        d = d[part]
-    return d
 
 
 class FederatedSimulation:
@@ -351,11 +348,10 @@ class FederatedSimulation:
 
     def _load(self, path: str) -> None:
         state = ckpt.load_file(path, "trainer.pt")
-        now = to_dict(self.cfg)
-        for key in _RESUME_IDENTITY:
-            if _get(state["config"], key) != _get(now, key):
-                raise ConfigError(f"--resume {path}: {key} was {_get(state['config'], key)!r} in the checkpoint and is "
-                                  f"{_get(now, key)!r} now; a resumed run must keep it (start a new output_dir instead)")
+        changed = check_resume_config(path, state["config"], to_dict(self.cfg), may_change=_RESUME_MAY_CHANGE,
+                                      schedule=())
+        if changed:
+            print(f"resume: applying changed settings: {'; '.join(changed)}")
         self.global_params = ckpt.load_file(path, "model.pt")
         self.strategy.load_state_dict(ckpt.load_file(path, "optim.pt"))
         self.availability.load_state_dict(state["availability"])

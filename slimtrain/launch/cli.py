@@ -51,6 +51,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     # `deepspeed` passes --local_rank=N (older launchers --local-rank); LOCAL_RANK in the environment
     # says the same, so the value only fills the environment when a launcher left it out.
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--allow-lr-change", action="store_true",
+                   help="with --resume: apply a changed optim.lr / train.warmup_steps / train.min_lr_ratio "
+                        "(same as train.allow_lr_change=true)")
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -60,6 +63,8 @@ def _run_train(args: argparse.Namespace) -> int:
         return 0
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    if args.allow_lr_change:
+        args.overrides.append("train.allow_lr_change=true")
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:

@@ -46,9 +46,10 @@ from ..optim.qgalore import QGaLoreAdamW8bit
 from ..optim.registry import available_optimizers, build_optimizer
 from ..parallel.data_parallel import DataParallelOptimizer, galore_optimizer_of
 from ..run import checkpoint as ckpt
-from ..run.config import Config, ConfigError, to_dict
+from ..run.config import TRAIN_RESUME_SCHEDULE, Config, ConfigError, check_resume_config, to_dict
 from ..run.data import BlockOrder, build_tokenizer, pack
 from ..run.guard import DivergenceGuard, grads_finite
+from ..run.resume import rescale_lr
 from ..run.rundir import claim_output_dir
 from ..run.metrics import MetricsWriter, dump_json, format_summary, peak_memory_mb, plot_losses, read_metrics
 from ..run.model import build_model, count_parameters
@@ -398,6 +399,10 @@ class Trainer:
 
     def _load(self, path: str) -> None:
         state = ckpt.load_file(path, "trainer.pt")
+        changed = check_resume_config(path, state["config"], to_dict(self.cfg),
+                                      allow_schedule_change=self.cfg.train.allow_lr_change)
+        if changed:
+            self._say(f"resume: applying changed settings: {'; '.join(changed)}")
         if state["world_size"] != self.world and self.rank == 0:
             warnings.warn(f"resuming a {state['world_size']}-rank checkpoint on {self.world} ranks: the data order "
                           "continues, but the run is no longer bit-identical to an uninterrupted one")
@@ -424,6 +429,8 @@ class Trainer:
                                       "dist.engine=torch and any dist.zero_stage (the shards are merged)")
                 self.dp.load_state_dict(shards)
         self.scheduler.load_state_dict(state["scheduler"])
+        if any(line.split(":")[0] in TRAIN_RESUME_SCHEDULE for line in changed):
+            rescale_lr(self.scheduler, self.cfg.optim.lr / state["config"]["optim"]["lr"])
         self.step, self.nan_skips = state["step"], state["nan_skips"]
         self.divergence.initial = state.get("initial_eval_loss")
         if state["data_position"] != self.step * self.global_batch and self.rank == 0:

@@ -17,6 +17,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import projector as proj
+from .state_checks import check_params_supported, check_state_dict, mark
 from .state_dtypes import restore_state_dtypes
 
 # Keys a GaLore group may carry, with the values galore-torch's projector assumes when a
@@ -51,6 +52,7 @@ class GaLoreOptimizerBase(Optimizer):
             raise ValueError(f"accumulation_steps={accumulation_steps!r} must be an integer >= 1")
         defaults = {"max_grad_norm": None, **defaults}
         super().__init__(params, defaults)
+        check_params_supported(self)
         self.layerwise = layerwise
         self.accumulation_steps = accumulation_steps
         self._hooks: list = []
@@ -97,8 +99,8 @@ class GaLoreOptimizerBase(Optimizer):
             raise ValueError(f"proj_type={group['proj_type']!r} is not one of {proj.PROJ_TYPES}")
         if group["proj_method"] not in proj.PROJ_METHODS:
             raise ValueError(f"proj_method={group['proj_method']!r} is not one of {proj.PROJ_METHODS}")
-        if not isinstance(group["scale"], (int, float)):
-            raise ValueError(f"scale={group['scale']!r} must be a number (GaLore's alpha, e.g. 0.25)")
+        if not isinstance(group["scale"], (int, float)) or not 0.0 < group["scale"] < float("inf"):
+            raise ValueError(f"scale={group['scale']!r} must be a positive number (GaLore's alpha, e.g. 0.25)")
 
     # ------------------------------------------------------------------ state dtype policy
     def load_state_dict(self, state_dict: dict) -> None:
@@ -108,8 +110,12 @@ class GaLoreOptimizerBase(Optimizer):
         projectors are fp32 on purpose for bf16/fp16 parameters (and quantized states have their
         own dtypes), so a resume must not round them down.
         """
+        check_state_dict(self, state_dict)  # shapes, dtypes, format: before anything is replaced
         super().load_state_dict(state_dict)
         restore_state_dtypes(self, state_dict)
+
+    def state_dict(self) -> dict:
+        return mark(super().state_dict(), self)
 
     # ------------------------------------------------------------------ per-tensor pieces
     def _param_index(self, p: Tensor) -> int:

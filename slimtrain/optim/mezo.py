@@ -38,6 +38,8 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from .state_checks import FORMAT_KEY, check_params_supported, check_state_dict, mark
+
 # Elements per chunk of noise / perturbation temporaries: the only transient memory of a
 # perturbation is a few chunks (z in fp32 plus the wide-dtype working copy).
 DEFAULT_CHUNK_SIZE = 1 << 16
@@ -373,6 +375,7 @@ class MeZO(Optimizer):
         if not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"chunk_size={chunk_size!r} must be an integer >= 1")
         super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay))
+        check_params_supported(self)
         self.n_perturbations = n_perturbations
         self.chunk_size = chunk_size
         self.model = model
@@ -450,7 +453,7 @@ class MeZO(Optimizer):
         """No-op: MeZO never allocates gradients (kept so trainer loops can call it)."""
 
     def state_dict(self):
-        sd = super().state_dict()
+        sd = mark(super().state_dict(), self)
         sd["zo"] = {
             "generator": self._seed_gen.get_state(),
             "step": self._zo_step.clone(),
@@ -460,7 +463,9 @@ class MeZO(Optimizer):
         return sd
 
     def load_state_dict(self, state_dict) -> None:
+        check_state_dict(self, state_dict)
         state_dict = dict(state_dict)
+        state_dict.pop(FORMAT_KEY, None)
         zo = state_dict.pop("zo", None)
         if zo is None:
             raise ValueError(f"state_dict has no 'zo' entry; it was not saved by {type(self).__name__}")

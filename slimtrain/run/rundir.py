@@ -57,9 +57,10 @@ class RunLock:
     """The held lock file; :meth:`release` (idempotent) removes it. Released too when the
     owner is garbage-collected or the process exits normally."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, created: tuple[str, ...] = ()):
         self.path = path
-        self._finalizer = weakref.finalize(self, _remove_lock, path, os.getpid())
+        # directories this claim created: removed again on release if nothing was written there
+        self._finalizer = weakref.finalize(self, _remove_lock, path, os.getpid(), created)
         _HELD[path] = self
 
     def release(self) -> None:
@@ -67,14 +68,19 @@ class RunLock:
         self._finalizer()
 
 
-def _remove_lock(path: str, pid: int) -> None:
+def _remove_lock(path: str, pid: int, created: tuple[str, ...] = ()) -> None:
     try:
         with open(path) as fh:
             if json.load(fh).get("pid") != pid:
                 return  # not ours any more
         os.remove(path)
     except (OSError, ValueError):
-        pass
+        return
+    for d in created:  # innermost first; a directory with anything in it stays
+        try:
+            os.rmdir(d)
+        except OSError:
+            pass
 
 
 def _read_lock(path: str) -> dict:
@@ -97,7 +103,7 @@ def _probe_writable(path: str, key: str) -> None:
                              "output= or fix its permissions") from None
 
 
-def _take_lock(output_dir: str, command: str) -> RunLock:
+def _take_lock(output_dir: str, command: str, created: tuple[str, ...]) -> RunLock:
     path = os.path.abspath(os.path.join(output_dir, LOCK_NAME))
     me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
           "command": command}
@@ -123,17 +129,18 @@ def _take_lock(output_dir: str, command: str) -> RunLock:
                 "finish or choose another output=; if that run is gone (another host), delete the lock file") from None
         with os.fdopen(fd, "w") as fh:
             json.dump(me, fh)
-        return RunLock(path)
+        return RunLock(path, created)
     raise OutputDirError(f"could not take the lock {path}: another run keeps recreating it")
 
 
 def _claim_rank0(output_dir: str, resuming: bool, overwrite: bool, command: str) -> RunLock:
     if not output_dir or not str(output_dir).strip():
         raise OutputDirError("output_dir='' is empty; give a run directory, e.g. output=runs/my_run")
+    root = os.path.join(output_dir, "checkpoints")
+    created = tuple(d for d in (root, output_dir) if not os.path.exists(d))
     _probe_writable(output_dir, "output_dir")
-    lock = _take_lock(output_dir, command)
+    lock = _take_lock(output_dir, command, created)
     try:
-        root = os.path.join(output_dir, "checkpoints")
         found = ckpt.list_checkpoints(root)
         if found and not resuming:
             if not overwrite:

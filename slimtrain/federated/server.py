@@ -23,7 +23,6 @@ the same global model as an uninterrupted one, and epsilon continues from its hi
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -40,7 +39,7 @@ from ..run import checkpoint as ckpt
 from ..run.config import ConfigError, check_resume_config, to_dict
 from ..run.data import build_tokenizer, pack
 from ..run.rundir import claim_output_dir
-from ..run.metrics import MetricsWriter, format_summary, peak_memory_mb, read_metrics
+from ..run.metrics import MetricsWriter, dump_json, format_summary, peak_memory_mb, read_metrics
 from ..run.model import build_model, count_parameters
 from .availability import build_availability, sample_clients
 from .client import FAULTS, ClientRunner, all_finite
@@ -385,7 +384,13 @@ class FederatedSimulation:
 
     def run(self) -> dict:
         """Run to ``federated.rounds`` (or the privacy budget); returns the summary (also written to
-        ``summary.json``)."""
+        ``summary.json``). The output directory is released when it returns or raises."""
+        try:
+            return self._run()
+        finally:
+            self.close()
+
+    def _run(self) -> dict:
         from tqdm import tqdm
 
         cfg, fc = self.cfg, self.cfg.federated
@@ -437,7 +442,6 @@ class FederatedSimulation:
         finally:
             bar.close()
             writer.close()
-            self.close()
         summary = {
             "rounds": self.round,
             "rounds_this_run": rounds_this_run,
@@ -461,7 +465,7 @@ class FederatedSimulation:
         metrics = read_metrics(os.path.join(cfg.output_dir, "metrics.jsonl"))
         summary["loss_plot"] = plot_rounds(metrics, os.path.join(cfg.output_dir, "loss.png"))
         with open(os.path.join(cfg.output_dir, "summary.json"), "w") as fh:
-            json.dump(summary, fh, indent=2)
+            dump_json(summary, fh, indent=2)
         tqdm.write(format_summary(summary))
         return summary
 

@@ -210,3 +210,42 @@ def test_corrupt_newest_checkpoint_falls_back_with_a_warning(tmp_path, damage):
     resumed.close()
     with pytest.raises(ckpt.CheckpointError, match=r"fails verification.*model\.pt.*resume from .*step_00000002"):
         Trainer(load_config(None, over), resume=str(newest.parent))
+
+
+# ---------------------------------------------------------------------------- ranks agree
+def _nonfinite_on_one_rank(rank, world_size):
+    from slimtrain.optim import GaLoreAdamW, galore_param_groups
+    from slimtrain.parallel import DataParallelOptimizer
+    from slimtrain.run.guard import grads_finite
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+    opt = GaLoreAdamW(galore_param_groups(model, rank=4, update_proj_gap=100, target_modules=["0"]), lr=1e-2)
+    dp = DataParallelOptimizer(opt, zero_stage=2)
+    out = {}
+    for step in range(2):
+        model(torch.randn(8, 16)).pow(2).mean().backward()
+        if step == 1 and rank == 1:
+            model[2].weight.grad[0, 0] = float("inf")  # only this rank's gradient is bad
+        out[f"finite{step}"] = grads_finite(model.parameters())  # what the trainer asks before syncing
+        dp.sync_gradients()
+        out[f"norm{step}"] = dp.grad_norm()  # the reduced gradients, as every rank sees them
+        if math.isfinite(out[f"norm{step}"]):
+            dp.step()
+        else:
+            dp.discard()
+        dp.zero_grad()
+    out["params"] = [p.detach().clone() for p in model.parameters()]
+    return out
+
+
+@pytest.mark.distributed
+def test_a_nonfinite_gradient_on_one_rank_is_refused_by_every_rank():
+    from helpers import run_ranks
+
+    r0, r1 = run_ranks(_nonfinite_on_one_rank, 2)
+    assert r0["finite0"] and r1["finite0"] and math.isfinite(r0["norm0"])
+    assert not r0["finite1"] and not r1["finite1"]  # both ranks skip, before any communication
+    assert math.isinf(r0["norm1"]) and math.isinf(r1["norm1"])  # and the reduced norm says so on both
+    for a, b in zip(r0["params"], r1["params"]):
+        assert torch.equal(a, b) and torch.isfinite(a).all()

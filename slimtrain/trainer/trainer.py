@@ -321,7 +321,8 @@ class Trainer:
         finite = bool(torch.isfinite(total))
         grad_norm = float("nan")
         if self.engine is not None:
-            if not finite:
+            # (ZeRO >= 1 keeps gradients in the engine's partitions: only stage 0 exposes p.grad)
+            if not finite or not grads_finite(self.model.parameters()):
                 return total, grad_norm, False
             for _ in range(ga):  # the engine counts micro-steps; only the last one updates
                 self.engine.step()

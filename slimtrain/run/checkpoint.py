@@ -100,9 +100,16 @@ def _files_under(path: str) -> list[str]:
 
 
 def write_manifest(path: str, step: int) -> None:
-    """Hash every file of checkpoint directory ``path`` (as it is on disk) into ``manifest.json``."""
-    files = {rel: {"bytes": os.path.getsize(os.path.join(path, rel)), "sha256": _sha256(os.path.join(path, rel))}
-             for rel in _files_under(path)}
+    """Record every file of checkpoint directory ``path`` with its size and SHA-256 in
+    ``manifest.json``: files this process wrote are hashed as they were written, the others
+    (other ranks', DeepSpeed's) are read back from disk."""
+    files = {}
+    for rel in _files_under(path):
+        full = os.path.join(path, rel)
+        size, sha = _WRITTEN.pop(os.path.abspath(full), (None, None))
+        if size != os.path.getsize(full):
+            size, sha = os.path.getsize(full), _sha256(full)
+        files[rel] = {"bytes": size, "sha256": sha}
     with open(os.path.join(path, MANIFEST), "w") as fh:
         json.dump({"format": 1, "step": step, "files": files}, fh, indent=1, sort_keys=True)
         fh.flush()
@@ -165,11 +172,33 @@ def set_rng_state(state: dict) -> None:
 
 
 # ---------------------------------------------------------------------------- files
+class _HashingWriter:
+    """A write-only file wrapper that hashes what passes through it (so the manifest costs no
+    second read of a multi-GB checkpoint)."""
+
+    def __init__(self, fh):
+        self.fh, self.sha, self.nbytes = fh, hashlib.sha256(), 0
+
+    def write(self, data) -> int:
+        self.sha.update(data)
+        self.nbytes += len(data)
+        return self.fh.write(data)
+
+    def flush(self) -> None:
+        self.fh.flush()
+
+
+# path -> (bytes, sha256) of files this process wrote through _save_file, for write_manifest
+_WRITTEN: dict[str, tuple[int, str]] = {}
+
+
 def _save_file(obj, path: str) -> None:
     with open(path, "wb") as fh:
-        torch.save(obj, fh)
+        writer = _HashingWriter(fh)
+        torch.save(obj, writer)
         fh.flush()
         os.fsync(fh.fileno())
+    _WRITTEN[os.path.abspath(path)] = (writer.nbytes, writer.sha.hexdigest())
 
 
 def _fsync_dir(path: str) -> None:

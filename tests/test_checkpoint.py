@@ -52,7 +52,8 @@ def test_checkpoint_files_load_weights_only_with_projectors(tmp_path):
     _run(tmp_path, "o", **GALORE, **{"train.steps": 4})
     path = ckpt.latest_checkpoint(str(tmp_path / "o" / "checkpoints"))
     files = sorted(os.listdir(path))
-    assert files == ["model.pt", "optim.pt", "rng_rank0.pt", "trainer.pt"]
+    assert files == ["manifest.json", "model.pt", "optim.pt", "rng_rank0.pt", "trainer.pt"]
+    assert ckpt.verify_checkpoint(path) is None
     optim = torch.load(os.path.join(path, "optim.pt"), weights_only=True)
     assert any("proj_left" in s or "proj_right" in s for s in optim["state"].values())
     trainer = torch.load(os.path.join(path, "trainer.pt"), weights_only=True)

@@ -196,7 +196,7 @@ def test_nan_loss_skip_leaves_weights_untouched(tmp_path):
     trainer.train()
     trainer.close()
     curve = losses(str(tmp_path / "o"))
-    assert math.isnan(curve[0]) and all(math.isfinite(x) for x in curve[1:])
+    assert curve[0] is None and all(math.isfinite(x) for x in curve[1:])  # null in metrics.jsonl: strict JSON
     assert trainer.nan_skips == 1
     # Step 1 was skipped, so the first applied update is step 2's: the weights moved exactly once
     # per finite step, and Adam's step count says 2.

@@ -35,9 +35,10 @@ import torch
 
 from ..optim.registry import available_optimizers, optimizer_spec
 from ..run import checkpoint as ckpt
-from ..run.config import ConfigError, optimizer_kwargs, to_dict
+from ..run.config import ConfigError, check_resume_config, optimizer_kwargs, to_dict
 from ..run.data import build_tokenizer, pack
 from ..run.metrics import MetricsWriter, peak_memory_mb
+from ..run.rundir import claim_output_dir
 from ..run.model import build_model, count_parameters
 from ..run.wrapup import finish_run, write_run_config
 from .availability import build_availability, sample_clients
@@ -54,30 +55,44 @@ ROUND_CURVES = (("loss", "mean client train loss", "-"), ("eval_loss", "global e
 # ``federated.fail_prob``. Tests pass their own to fail chosen clients.
 FaultFn = Callable[[int, int], "str | None"]
 
-# Keys that fix who holds which data: a resume with other values would be a different run.
-_RESUME_IDENTITY = ("federated.clients", "federated.seed", "federated.partition", "federated.alpha",
-                    "federated.shards_per_client", "data", "model")
+# What a resumed federated run may change (applied and recorded): its length, cadences, progress
+# and scratch handling, the fault injection and deadline. Everything else is refused: who holds
+# which data, the model, the client optimizer, the strategy and every DP parameter (a changed
+# delta or noise would make the reported epsilon meaningless, even lower than before).
+_RESUME_MAY_CHANGE = ("output_dir", "federated.rounds", "federated.eval_every", "federated.checkpoint_every",
+                      "federated.progress", "federated.spill_replies", "federated.timeout_s", "federated.fail_prob")
 
-
-
-def _get(d: dict, dotted: str):
-    for part in dotted.split("."):
-        d = d[part]
-    return d
 
 
 class FederatedSimulation:
     """Build everything a :class:`~.config.FedRunConfig` describes, then :meth:`run` it.
 
     ``resume``: ``True`` (newest checkpoint under ``<output_dir>/checkpoints``), a checkpoint
-    directory, or None. ``fault_fn`` overrides the configured fault injection. A fresh start
-    refuses an ``output_dir`` holding checkpoints and, unless ``clear_clients=False`` (Flower
-    client processes sharing one store), deletes client files left by an earlier run.
+    directory, or None. ``fault_fn`` overrides the configured fault injection. The server side
+    (``clear_clients=True``) locks ``output_dir`` until :meth:`run` ends and, on a fresh start,
+    refuses a directory holding checkpoints (``overwrite`` deletes them) and deletes client files
+    left by an earlier run; Flower client processes (``clear_clients=False``) share the store.
     """
 
     def __init__(self, cfg: FedRunConfig, resume: str | bool | None = None, fault_fn: FaultFn | None = None,
-                 clear_clients: bool = True):
+                 clear_clients: bool = True, overwrite: bool = False):
         self.cfg = cfg
+        # before anything is read, deleted or written there
+        self.run_lock = (claim_output_dir(cfg.output_dir, resuming=bool(resume), overwrite=overwrite,
+                                          command="federated") if clear_clients else None)
+        try:
+            self._build(resume, fault_fn, clear_clients)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Release the output directory (``run`` does it when it ends)."""
+        if self.run_lock is not None:
+            self.run_lock.release()
+
+    def _build(self, resume, fault_fn, clear_clients) -> None:
+        cfg = self.cfg
         fc = cfg.federated
         self.fault_fn = fault_fn if fault_fn is not None else self._configured_fault
         self.ckpt_root = os.path.join(cfg.output_dir, "checkpoints")
@@ -139,15 +154,11 @@ class FederatedSimulation:
         self.resumed_from = None
         if resume:
             self._load(ckpt.resolve_resume(self.ckpt_root, resume))
-        else:
-            found = ckpt.latest_checkpoint(self.ckpt_root)
-            if found is not None:
-                raise ConfigError(f"output_dir={cfg.output_dir!r} holds checkpoints of an earlier run ({found}); "
-                                  "continue it with --resume, or choose another output_dir")
+        else:  # claim_output_dir refused a directory with another run's checkpoints
             if clear_clients:
                 # client states of an earlier, never checkpointed run would silently change this one
                 self.store.clear()
-        self.last_checkpoint = ckpt.latest_checkpoint(self.ckpt_root)
+        self.last_checkpoint = ckpt.latest_good_checkpoint(self.ckpt_root, warn=False)
 
     # ------------------------------------------------------------------ build
     def _build_strategy(self):
@@ -335,11 +346,10 @@ class FederatedSimulation:
 
     def _load(self, path: str) -> None:
         state = ckpt.load_file(path, "trainer.pt")
-        now = to_dict(self.cfg)
-        for key in _RESUME_IDENTITY:
-            if _get(state["config"], key) != _get(now, key):
-                raise ConfigError(f"--resume {path}: {key} was {_get(state['config'], key)!r} in the checkpoint and is "
-                                  f"{_get(now, key)!r} now; a resumed run must keep it (start a new output_dir instead)")
+        changed = check_resume_config(path, state["config"], to_dict(self.cfg), may_change=_RESUME_MAY_CHANGE,
+                                      schedule=())
+        if changed:
+            print(f"resume: applying changed settings: {'; '.join(changed)}")
         self.global_params = ckpt.load_file(path, "model.pt")
         self.strategy.load_state_dict(ckpt.load_file(path, "optim.pt"))
         self.availability.load_state_dict(state["availability"])
@@ -373,7 +383,13 @@ class FederatedSimulation:
 
     def run(self) -> dict:
         """Run to ``federated.rounds`` (or the privacy budget); returns the summary (also written to
-        ``summary.json``)."""
+        ``summary.json``). The output directory is released when it returns or raises."""
+        try:
+            return self._run()
+        finally:
+            self.close()
+
+    def _run(self) -> dict:
         from tqdm import tqdm
 
         cfg, fc = self.cfg, self.cfg.federated

@@ -26,6 +26,8 @@ def _add_run_args(p: argparse.ArgumentParser, example: str, config_help: str, re
     p.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
                    help="continue from CHECKPOINT, or without a value from the newest one in <output_dir>/checkpoints"
                         + resume_note)
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a fresh run in an output directory that holds another run's checkpoints, deleting them")
     p.add_argument("--help-config", action="store_true", help="list every config key with its default and meaning")
 
 
@@ -49,6 +51,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     # `deepspeed` passes --local_rank=N (older launchers --local-rank); LOCAL_RANK in the environment
     # says the same, so the value only fills the environment when a launcher left it out.
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--allow-lr-change", action="store_true",
+                   help="with --resume: apply a changed optim.lr / train.warmup_steps / train.min_lr_ratio "
+                        "(same as train.allow_lr_change=true)")
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -58,6 +63,8 @@ def _run_train(args: argparse.Namespace) -> int:
         return 0
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    if args.allow_lr_change:
+        args.overrides.append("train.allow_lr_change=true")
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
@@ -68,14 +75,15 @@ def _run_train(args: argparse.Namespace) -> int:
 
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from ..run.checkpoint import CheckpointError
     from ..run.data import DataError
     from ..trainer.trainer import Trainer, TrainingStopped
 
     trainer = None
     try:
-        trainer = Trainer(cfg, resume=args.resume)
+        trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite)
         trainer.train()
-    except (ConfigError, DataError, FileNotFoundError) as e:
+    except (ConfigError, DataError, FileNotFoundError, CheckpointError) as e:
         print(f"slimtrain train: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
     except TrainingStopped as e:
@@ -105,11 +113,12 @@ def _run_federated(args: argparse.Namespace) -> int:
         return 2
 
     from ..federated.server import FederatedSimulation
+    from ..run.checkpoint import CheckpointError
     from ..run.data import DataError
 
     try:
-        FederatedSimulation(cfg, resume=args.resume).run()
-    except (ConfigError, DataError, FileNotFoundError) as e:
+        FederatedSimulation(cfg, resume=args.resume, overwrite=args.overwrite).run()
+    except (ConfigError, DataError, FileNotFoundError, CheckpointError) as e:
         print(f"slimtrain federated: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
     return 0

@@ -15,6 +15,7 @@ from torch.optim import Optimizer
 
 from .validation import check_adam_args, check_8bit_args
 from .spec import OptimizerSpec
+from .state_checks import check_params_supported, check_state_dict, mark
 from .state_dtypes import restore_state_dtypes
 from torch.optim.adamw import adamw as _torch_adamw
 
@@ -166,9 +167,14 @@ class AdamW8bit(Optimizer):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, min_8bit_size=min_8bit_size,
                         block_size=block_size)
         super().__init__(params, defaults)
+        check_params_supported(self)
         self.backend = backend
 
+    def state_dict(self) -> dict:
+        return mark(super().state_dict(), self)
+
     def load_state_dict(self, state_dict: dict) -> None:
+        check_state_dict(self, state_dict)  # shapes, dtypes, format: before anything is replaced
         super().load_state_dict(state_dict)
         # absmax and the 32-bit moments are fp32 on purpose, also for bf16 parameters.
         restore_state_dtypes(self, state_dict)

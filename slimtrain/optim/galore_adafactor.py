@@ -127,6 +127,16 @@ class GaLoreAdafactor(GaLoreOptimizerBase):
             raise ValueError("relative_step=False needs an explicit lr (e.g. lr=1e-3)")
         if warmup_init and not relative_step:
             raise ValueError("warmup_init=True requires relative_step=True")
+        if lr is not None and not 0.0 <= lr:  # as torch.optim: rejects negative and NaN
+            raise ValueError(f"lr={lr!r} must be >= 0")
+        if len(eps) != 2 or not all(0.0 <= e for e in eps):
+            raise ValueError(f"eps={eps!r} must be two numbers >= 0, e.g. (1e-30, 1e-3)")
+        if not 0.0 < clip_threshold:
+            raise ValueError(f"clip_threshold={clip_threshold!r} must be > 0")
+        if not decay_rate <= 0.0:
+            raise ValueError(f"decay_rate={decay_rate!r} must be <= 0 (e.g. -0.8)")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"weight_decay={weight_decay!r} must be >= 0")
         if beta1 is not None and not 0.0 <= beta1 < 1.0:
             raise ValueError(f"beta1={beta1!r} must be None or lie in [0, 1)")
         defaults = dict(

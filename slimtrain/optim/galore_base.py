@@ -19,6 +19,7 @@ from torch.optim import Optimizer
 from . import projector as proj
 from .natural import NATURAL_DEFAULT_DAMPING, check_natural_args, natural_gradient
 from .spec import OptimizerSpec
+from .state_checks import check_params_supported, check_state_dict, mark
 from .state_dtypes import restore_state_dtypes
 
 # Keys a GaLore group may carry, with the values galore-torch's projector assumes when a
@@ -79,6 +80,7 @@ class GaLoreOptimizerBase(Optimizer):
         defaults = {"max_grad_norm": None, "natural_history": 0, "natural_damping": NATURAL_DEFAULT_DAMPING,
                     **defaults}
         super().__init__(params, defaults)
+        check_params_supported(self)
         self.layerwise = layerwise
         self.accumulation_steps = accumulation_steps
         self._hooks: list = []
@@ -89,6 +91,9 @@ class GaLoreOptimizerBase(Optimizer):
         # except on refresh steps, when the full gradient is averaged so every rank computes
         # the same projector.
         self.grad_reducer: Callable[[Tensor], None] | None = None
+        # Layer-wise mode: tensors whose (reduced) gradient was NaN/Inf and so were not updated;
+        # a trainer compares it before and after a step to know the step was not whole.
+        self.nonfinite_refused = 0
         if layerwise:
             self._register_layerwise_hooks()
 
@@ -123,8 +128,8 @@ class GaLoreOptimizerBase(Optimizer):
             raise ValueError(f"proj_type={group['proj_type']!r} is not one of {proj.PROJ_TYPES}")
         if group["proj_method"] not in proj.PROJ_METHODS:
             raise ValueError(f"proj_method={group['proj_method']!r} is not one of {proj.PROJ_METHODS}")
-        if not isinstance(group["scale"], (int, float)):
-            raise ValueError(f"scale={group['scale']!r} must be a number (GaLore's alpha, e.g. 0.25)")
+        if not isinstance(group["scale"], (int, float)) or not 0.0 < group["scale"] < float("inf"):
+            raise ValueError(f"scale={group['scale']!r} must be a positive number (GaLore's alpha, e.g. 0.25)")
 
     # ------------------------------------------------------------------ state dtype policy
     def load_state_dict(self, state_dict: dict) -> None:
@@ -134,8 +139,12 @@ class GaLoreOptimizerBase(Optimizer):
         projectors are fp32 on purpose for bf16/fp16 parameters (and quantized states have their
         own dtypes), so a resume must not round them down.
         """
+        check_state_dict(self, state_dict)  # shapes, dtypes, format: before anything is replaced
         super().load_state_dict(state_dict)
         restore_state_dtypes(self, state_dict)
+
+    def state_dict(self) -> dict:
+        return mark(super().state_dict(), self)
 
     # ------------------------------------------------------------------ per-tensor pieces
     def _param_index(self, p: Tensor) -> int:
@@ -295,6 +304,9 @@ class GaLoreOptimizerBase(Optimizer):
     def pending_projected_grad(self, p: Tensor) -> Tensor | None:
         return self.state.get(p, {}).get("grad_acc")
 
+    def drop_projected_grad(self, p: Tensor) -> None:
+        self.state.get(p, {}).pop("grad_acc", None)
+
     def skip_update(self, p: Tensor) -> None:
         state = self.state[p]
         state["step"] = state.get("step", torch.tensor(0.0)) + 1
@@ -383,6 +395,12 @@ class GaLoreOptimizerBase(Optimizer):
             for t in (acc, p.grad):
                 if t is not None:
                     self.grad_reducer(t)
+        if not all(bool(torch.isfinite(t).all()) for t in (acc, p.grad) if t is not None):
+            # a NaN/Inf piece (already reduced over ranks, so every rank decides alike) is refused,
+            # never applied; the trainer reads the counter and treats the step as skipped
+            self.nonfinite_refused += 1
+            p.grad = None
+            return
         if acc is not None:
             if p.grad is not None:  # mixed: an earlier micro-batch was full-rank
                 acc = acc + proj.project(p.grad, state.get("proj_left"), state.get("proj_right"))

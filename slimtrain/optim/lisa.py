@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from .spec import OptimizerSpec, spec_of
+from .state_checks import FORMAT_KEY, check_state_dict
 
 
 def find_layer_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -212,6 +213,7 @@ class LISA(Optimizer):
 
     def state_dict(self) -> dict:
         return {
+            FORMAT_KEY: type(self).__name__,
             "optimizer": self.optimizer.state_dict(),
             "lisa": {
                 "active": self.active.clone(),
@@ -221,6 +223,7 @@ class LISA(Optimizer):
         }
 
     def load_state_dict(self, state_dict: dict) -> None:
+        check_state_dict(self, state_dict, nested="optimizer")
         if "lisa" not in state_dict or "optimizer" not in state_dict:
             raise ValueError(f"not a LISA state_dict (keys {sorted(state_dict)}); expected 'optimizer' and 'lisa'")
         lisa = state_dict["lisa"]

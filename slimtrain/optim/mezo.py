@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from .spec import OptimizerSpec
+from .state_checks import FORMAT_KEY, check_params_supported, check_state_dict, mark
 
 # Elements per chunk of noise / perturbation temporaries: the only transient memory of a
 # perturbation is a few chunks (z in fp32 plus the wide-dtype working copy).
@@ -376,11 +377,13 @@ class MeZO(Optimizer):
         if not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"chunk_size={chunk_size!r} must be an integer >= 1")
         super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay))
+        check_params_supported(self)
         self.n_perturbations = n_perturbations
         self.chunk_size = chunk_size
         self.model = model
         self._seed_gen = torch.Generator().manual_seed(int(seed))
         self._zo_step = torch.tensor(0, dtype=torch.int64)
+        self.nonfinite_refused = 0  # steps whose projected gradient was NaN/Inf (not applied)
         self._last_seeds = torch.zeros(0, dtype=torch.int64)
         self._last_grads = torch.zeros(0, dtype=torch.float64)
 
@@ -427,6 +430,11 @@ class MeZO(Optimizer):
                 grads[k], loss = spsa_grad(evaluate, params, int(seeds[k]), eps, thresholds=thresholds,
                                            chunk_size=self.chunk_size)
                 first_loss = loss if first_loss is None else first_loss
+        if not bool(torch.isfinite(grads).all()):
+            # A NaN/Inf loss gives a NaN projected gradient: the perturbations were already undone
+            # bit-exactly, so refusing the update leaves the weights exactly as they were.
+            self.nonfinite_refused += 1
+            return torch.tensor(first_loss)
         # one update per param group so per-group lr / weight decay apply
         offset = 0
         for group in self.param_groups:
@@ -447,7 +455,7 @@ class MeZO(Optimizer):
         """No-op: MeZO never allocates gradients (kept so trainer loops can call it)."""
 
     def state_dict(self):
-        sd = super().state_dict()
+        sd = mark(super().state_dict(), self)
         sd["zo"] = {
             "generator": self._seed_gen.get_state(),
             "step": self._zo_step.clone(),
@@ -457,7 +465,9 @@ class MeZO(Optimizer):
         return sd
 
     def load_state_dict(self, state_dict) -> None:
+        check_state_dict(self, state_dict)
         state_dict = dict(state_dict)
+        state_dict.pop(FORMAT_KEY, None)
         zo = state_dict.pop("zo", None)
         if zo is None:
             raise ValueError(f"state_dict has no 'zo' entry; it was not saved by {type(self).__name__}")

@@ -41,7 +41,8 @@ class OptimizerSpec:
     post-accumulate-grad hook and its gradient freed at once)."""
     layerwise: bool = False
     """This instance updates inside backward (implies ``layerwise_capable``); it then has
-    ``accumulation_steps`` and accepts a ``grad_reducer`` for data parallelism."""
+    ``accumulation_steps``, accepts a ``grad_reducer`` for data parallelism, and counts the
+    non-finite pieces its hooks refused in ``nonfinite_refused``."""
     whole_matrices: bool = False
     """Needs each weight with its matrix shape (GaLore projects gradients): flat 1-D ZeRO
     partitions cannot be used."""
@@ -135,6 +136,9 @@ class LowRankStep(Protocol):
 
     def pending_projected_grad(self, p: Tensor) -> Tensor | None:
         """The projected gradient ``step()`` will apply to ``p`` (set by :meth:`set_projected_grad`)."""
+
+    def drop_projected_grad(self, p: Tensor) -> None:
+        """Forget a projected gradient handed in for a step that will not be applied."""
 
     def skip_update(self, p: Tensor) -> None:
         """Advance ``p``'s step count without updating it: another rank owns its update."""

@@ -211,18 +211,36 @@ class DataParallelOptimizer:
                 out.append(p.grad)
         return out
 
-    @torch.no_grad()
-    def clip_grad_norm_(self, max_norm: float) -> float:
-        """Scale what the optimizer will apply so its global L2 norm is at most ``max_norm``;
-        returns the norm before clipping (as ``torch.nn.utils.clip_grad_norm_``)."""
-        grads = self._optimizer_space_grads()
+    def _global_norm(self, grads: list[Tensor]) -> Tensor:
         sq = torch.zeros((), dtype=torch.float32)
         if grads:
             norms = torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])
             sq = (norms**2).sum()
         if self.sharded:
             self.comm.all_reduce(sq)  # owned sets are disjoint: the sum over ranks is the global square
-        total = sq.sqrt()
+        return sq.sqrt()
+
+    @torch.no_grad()
+    def grad_norm(self) -> float:
+        """Global L2 norm of what the optimizer will apply (the reduced, optimizer-space gradients;
+        every rank gets the same value, so a non-finite one is refused by all ranks alike)."""
+        return float(self._global_norm(self._optimizer_space_grads()))
+
+    def discard(self) -> None:
+        """Forget the synchronised gradients of a step that will not be applied."""
+        for p, _ in self._updated:
+            if self.galore is not None:
+                self.galore.drop_projected_grad(p)
+            p.grad = None
+        self._updated = []
+        self._directions = {}
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float) -> float:
+        """Scale what the optimizer will apply so its global L2 norm is at most ``max_norm``;
+        returns the norm before clipping (as ``torch.nn.utils.clip_grad_norm_``)."""
+        grads = self._optimizer_space_grads()
+        total = self._global_norm(grads)
         coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
         for g in grads:
             g.mul_(coef.to(g.dtype))

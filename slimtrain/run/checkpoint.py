@@ -9,7 +9,14 @@ Layout: ``<output_dir>/checkpoints/step_00000040/`` holding
 - ``trainer.pt`` step, data position, scheduler, NaN-skip counter, resolved config
 - ``rng_rank{r}.pt`` every rank's RNG states (torch, CUDA, Python ``random``, NumPy) as tensors
 
-Every file loads with ``torch.load(weights_only=True)``. A checkpoint is written into
+Every file loads with ``torch.load(weights_only=True)``. Next to them, ``manifest.json`` lists
+every file with its size and SHA-256 (hashed from disk after the fsync); :func:`verify_checkpoint`
+re-hashes them, so a truncated, emptied or bit-flipped file is caught before it is loaded, and
+:func:`latest_good_checkpoint` falls back to the newest checkpoint that verifies (warning about
+each one it skips). A checkpoint is only written from finite tensors (:class:`NonFiniteState`
+otherwise), and rotation (``keep``) never deletes the newest verified-good checkpoint.
+
+A checkpoint is written into
 ``tmp.step_...`` and renamed into place only when every rank has written and fsynced its
 files, so a crash mid-save leaves the previous checkpoints untouched; leftovers of an
 interrupted save are removed by the next save. With ZeRO >= 1 (partitioned optimizer state)
@@ -19,16 +26,119 @@ the model and optimizer are written by the DeepSpeed engine in its own format un
 
 from __future__ import annotations
 
+import hashlib
+import json
+import math
 import os
 import random
 import re
 import shutil
+import warnings
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 CKPT_RE = re.compile(r"^step_(\d{8})$")
+MANIFEST = "manifest.json"
+
+
+class CheckpointError(RuntimeError):
+    """No usable checkpoint where one was asked for; the message names it and the fix."""
+
+
+class NonFiniteState(ValueError):
+    """A state to be checkpointed holds NaN/Inf; the message names the first such tensor."""
+
+
+# ---------------------------------------------------------------------------- finiteness
+def first_non_finite(obj, prefix: str = "") -> str | None:
+    """Name (dotted path) of the first floating tensor / float in ``obj`` with a NaN or Inf, else None."""
+    if torch.is_tensor(obj):
+        if (obj.is_floating_point() or obj.is_complex()) and not bool(torch.isfinite(obj).all()):
+            return prefix or "tensor"
+        return None
+    if isinstance(obj, float):
+        return None if math.isfinite(obj) else (prefix or "value")
+    if isinstance(obj, dict):
+        items = obj.items()
+    elif isinstance(obj, (list, tuple)):
+        items = enumerate(obj)
+    else:
+        return None
+    for k, v in items:
+        bad = first_non_finite(v, f"{prefix}.{k}" if prefix else str(k))
+        if bad is not None:
+            return bad
+    return None
+
+
+def check_finite(obj, what: str) -> None:
+    """Raise :class:`NonFiniteState` naming the first non-finite tensor of ``obj``."""
+    bad = first_non_finite(obj)
+    if bad is not None:
+        raise NonFiniteState(f"{what} holds non-finite values ({bad}); refusing to write it as a checkpoint")
+
+
+# ---------------------------------------------------------------------------- manifest
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _files_under(path: str) -> list[str]:
+    out = []
+    for dirpath, _, names in os.walk(path):
+        for name in names:
+            rel = os.path.relpath(os.path.join(dirpath, name), path)
+            if rel != MANIFEST:
+                out.append(rel)
+    return sorted(out)
+
+
+def write_manifest(path: str, step: int) -> None:
+    """Record every file of checkpoint directory ``path`` with its size and SHA-256 in
+    ``manifest.json``: files this process wrote are hashed as they were written, the others
+    (other ranks', DeepSpeed's) are read back from disk."""
+    files = {}
+    for rel in _files_under(path):
+        full = os.path.join(path, rel)
+        size, sha = _WRITTEN.pop(os.path.abspath(full), (None, None))
+        if size != os.path.getsize(full):
+            size, sha = os.path.getsize(full), _sha256(full)
+        files[rel] = {"bytes": size, "sha256": sha}
+    with open(os.path.join(path, MANIFEST), "w") as fh:
+        json.dump({"format": 1, "step": step, "files": files}, fh, indent=1, sort_keys=True)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def verify_checkpoint(path: str) -> str | None:
+    """None when every file listed in ``path``'s manifest is present with its size and SHA-256,
+    else what is wrong (missing manifest, missing / truncated / altered file)."""
+    try:
+        with open(os.path.join(path, MANIFEST)) as fh:
+            manifest = json.load(fh)
+        files = manifest["files"]
+    except FileNotFoundError:
+        return f"it has no {MANIFEST} (written by an older slimtrain, or not a checkpoint)"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"its {MANIFEST} is unreadable ({type(e).__name__}: {e})"
+    if not files:
+        return f"its {MANIFEST} lists no files"
+    for rel, meta in sorted(files.items()):
+        full = os.path.join(path, rel)
+        if not os.path.isfile(full):
+            return f"{rel} is missing"
+        size = os.path.getsize(full)
+        if size != meta["bytes"]:
+            return f"{rel} has {size} bytes, the manifest says {meta['bytes']} (truncated or overwritten)"
+        if _sha256(full) != meta["sha256"]:
+            return f"{rel} does not match its SHA-256 in the manifest (corrupted)"
+    return None
 
 
 # ---------------------------------------------------------------------------- RNG states as tensors
@@ -62,11 +172,33 @@ def set_rng_state(state: dict) -> None:
 
 
 # ---------------------------------------------------------------------------- files
+class _HashingWriter:
+    """A write-only file wrapper that hashes what passes through it (so the manifest costs no
+    second read of a multi-GB checkpoint)."""
+
+    def __init__(self, fh):
+        self.fh, self.sha, self.nbytes = fh, hashlib.sha256(), 0
+
+    def write(self, data) -> int:
+        self.sha.update(data)
+        self.nbytes += len(data)
+        return self.fh.write(data)
+
+    def flush(self) -> None:
+        self.fh.flush()
+
+
+# path -> (bytes, sha256) of files this process wrote through _save_file, for write_manifest
+_WRITTEN: dict[str, tuple[int, str]] = {}
+
+
 def _save_file(obj, path: str) -> None:
     with open(path, "wb") as fh:
-        torch.save(obj, fh)
+        writer = _HashingWriter(fh)
+        torch.save(obj, writer)
         fh.flush()
         os.fsync(fh.fileno())
+    _WRITTEN[os.path.abspath(path)] = (writer.nbytes, writer.sha.hexdigest())
 
 
 def _fsync_dir(path: str) -> None:
@@ -86,8 +218,21 @@ def list_checkpoints(root: str) -> list[str]:
 
 
 def latest_checkpoint(root: str) -> str | None:
+    """The newest checkpoint directory, verified or not (see :func:`latest_good_checkpoint`)."""
     found = list_checkpoints(root)
     return found[-1] if found else None
+
+
+def latest_good_checkpoint(root: str, warn: bool = True) -> str | None:
+    """The newest checkpoint under ``root`` that passes :func:`verify_checkpoint`; every newer one
+    that fails is skipped (with a warning naming it and why, when ``warn``)."""
+    for path in reversed(list_checkpoints(root)):
+        problem = verify_checkpoint(path)
+        if problem is None:
+            return path
+        if warn:
+            warnings.warn(f"skipping checkpoint {path}: {problem}; falling back to the previous one")
+    return None
 
 
 def _all_ok(ok: bool) -> bool:
@@ -104,12 +249,20 @@ def save_checkpoint(root: str, step: int, *, rank: int, model_state=None, optim_
 
     ``rank_files`` maps a name to this rank's object, written as ``{name}_rank{rank}.pt``.
 
-    Raises ``OSError`` (on every rank) when any rank failed to write, after removing the partial
-    temporary directory; earlier checkpoints are left as they were.
+    Raises :class:`NonFiniteState` (on every rank, before anything is written) when a model /
+    optimizer / rank-file tensor is NaN or Inf. Raises ``OSError`` (on every rank) when any rank
+    failed to write, after removing the partial temporary directory; earlier checkpoints are left
+    as they were. Rotation keeps the newest ``keep`` checkpoints and, besides them, never deletes
+    the newest one that verifies.
     """
     final = os.path.join(root, f"step_{step:08d}")
     tmp = os.path.join(root, f"tmp.step_{step:08d}")
     error: BaseException | None = None
+    bad = (first_non_finite(model_state, "model") or first_non_finite(optim_state, "optimizer")
+           or first_non_finite(rank_files, f"rank {rank}"))
+    if not _all_ok(bad is None):
+        raise NonFiniteState(f"step {step}: {bad or 'another rank'} holds non-finite values; refusing to write "
+                             "it as a checkpoint")
     if rank == 0:
         try:
             os.makedirs(root, exist_ok=True)
@@ -139,6 +292,7 @@ def save_checkpoint(root: str, step: int, *, rank: int, model_state=None, optim_
     if rank == 0:
         if ok:
             try:
+                write_manifest(tmp, step)
                 _fsync_dir(tmp)
                 if os.path.exists(final):  # re-saving a step after resume: move the old one aside first
                     old = os.path.join(root, f"tmp.old.step_{step:08d}")
@@ -148,8 +302,7 @@ def save_checkpoint(root: str, step: int, *, rank: int, model_state=None, optim_
                 else:
                     os.replace(tmp, final)
                 _fsync_dir(root)
-                for stale in list_checkpoints(root)[:-keep]:
-                    shutil.rmtree(stale, ignore_errors=True)
+                rotate(root, keep, newest_good=final)
             except OSError as e:
                 error, ok = e, False
         if not ok:
@@ -160,13 +313,43 @@ def save_checkpoint(root: str, step: int, *, rank: int, model_state=None, optim_
     return final
 
 
+def rotate(root: str, keep: int, newest_good: str | None = None) -> None:
+    """Delete all but the newest ``keep`` checkpoints, except the newest verified-good one
+    (``newest_good`` when the caller just wrote and hashed it, else found by verifying)."""
+    found = list_checkpoints(root)
+    stale = found[:-keep]
+    if not stale:
+        return
+    if newest_good is None:
+        newest_good = latest_good_checkpoint(root, warn=False)
+    for path in stale:
+        if os.path.abspath(path) != os.path.abspath(newest_good or ""):
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def resolve_resume(root: str, resume: str | bool) -> str:
-    """The checkpoint directory ``--resume`` names: ``True`` is the newest one under ``root``."""
-    path = latest_checkpoint(root) if resume is True else str(resume)
+    """The checkpoint directory ``--resume`` names: ``True`` is the newest one under ``root`` that
+    verifies (newer corrupt ones are skipped with a warning); an explicit one must verify."""
+    if resume is True:
+        path = latest_good_checkpoint(root)
+        if path is None:
+            found = list_checkpoints(root)
+            if found:
+                raise CheckpointError(
+                    f"--resume: none of the {len(found)} checkpoint(s) under {root!r} verifies (newest: {found[-1]}: "
+                    f"{verify_checkpoint(found[-1])}); start a new run with another output= or --overwrite")
+    else:
+        path = str(resume)
     if path is None or not os.path.isdir(path):
         raise FileNotFoundError(
             f"--resume: no checkpoint at {resume if resume is not True else root!r}; start without --resume or "
             "pass a checkpoint directory (…/checkpoints/step_NNNNNNNN)")
+    if resume is not True:
+        problem = verify_checkpoint(path)
+        if problem is not None:
+            good = latest_good_checkpoint(os.path.dirname(os.path.abspath(path)), warn=False)
+            raise CheckpointError(f"--resume {path}: the checkpoint fails verification: {problem}; "
+                                  + (f"resume from {good} instead" if good else "no other checkpoint there verifies"))
     return path
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +22,26 @@ import yaml
 
 class ConfigError(ValueError):
     """A bad configuration key or value; the message names the key, the value and the fix."""
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML with YAML 1.2 numbers: PyYAML (YAML 1.1) reads ``1e-8`` (no dot) as a string, which
+    then reaches an optimizer's ``eps <= 0`` check as ``str``."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                  |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                  |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                  |[-+]?\.(?:inf|Inf|INF)
+                  |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def yaml_load(text):
+    """``yaml.safe_load`` with scientific notation read as numbers (see :class:`_Loader`)."""
+    return yaml.load(text, Loader=_Loader)
 
 
 def setting(default, help: str, choices: tuple | None = None, **kw):
@@ -114,15 +135,22 @@ class TrainConfig:
     nan_policy: str = setting("stop", "on a non-finite loss: stop (naming the checkpoint to resume from) or skip the "
                          "step", choices=("stop", "skip"))
     max_nan_skips: int = setting(10, "with nan_policy=skip, stop after this many consecutive skipped steps")
+    divergence_margin: float = setting(2.0, "stop when an eval loss exceeds the initial eval loss (measured before "
+                                  "the first step) by more than this many nats, or is non-finite (0: off)")
     progress: bool = setting(True, "show a tqdm progress bar on rank 0")
+    allow_lr_change: bool = setting(False, "on --resume, apply a changed optim.lr / train.warmup_steps / "
+                               "train.min_lr_ratio to the restored schedule (refused otherwise; also --allow-lr-change)")
 
     def __post_init__(self):
         for key in ("steps", "batch_size", "grad_accum", "log_every", "max_nan_skips"):
             require(getattr(self, key) >= 1, f"train.{key}", getattr(self, key), "must be >= 1")
+        require(0 <= self.seed < 2**32, "train.seed", self.seed, "must be an integer in [0, 2**32)")
         for key in ("warmup_steps", "eval_every"):
             require(getattr(self, key) >= 0, f"train.{key}", getattr(self, key), "must be >= 0")
         require(0.0 <= self.min_lr_ratio <= 1.0, "train.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
         require(self.max_grad_norm >= 0, "train.max_grad_norm", self.max_grad_norm, "must be >= 0 (0 turns it off)")
+        require(self.divergence_margin >= 0 and math.isfinite(self.divergence_margin), "train.divergence_margin",
+               self.divergence_margin, "must be a number >= 0 (0 turns the check off)")
 
 
 @dataclass
@@ -262,7 +290,7 @@ def apply_override(data: dict, assignment: str, root=Config) -> None:
     if not key:
         raise ConfigError(f"override {assignment!r} has an empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     if value is None:
@@ -281,9 +309,12 @@ def apply_override(data: dict, assignment: str, root=Config) -> None:
             typ = _hints(cls)[part]
             cls = typ if dataclasses.is_dataclass(typ) else None
         child = node.get(part)
-        if not isinstance(child, dict):
+        if child is None:
             child = {}
             node[part] = child
+        elif not isinstance(child, dict):  # e.g. `train: 5` in the file: report it, never drop it
+            raise ConfigError(f"{'.'.join(parts[: i + 1])}={child!r}: expected a mapping of keys "
+                              f"(e.g. {parts[i]}: {{{parts[i + 1]}: ...}}), so {key}= cannot be applied to it")
         node = child
     node[parts[-1]] = value
 
@@ -295,7 +326,7 @@ def load_config(path: str | None = None, overrides: list[str] | tuple = (), root
     if path:
         try:
             with open(path) as fh:
-                data = yaml.safe_load(fh) or {}
+                data = yaml_load(fh) or {}
         except FileNotFoundError:
             raise ConfigError(f"config file {path!r} does not exist") from None
         except yaml.YAMLError as e:
@@ -305,6 +336,70 @@ def load_config(path: str | None = None, overrides: list[str] | tuple = (), root
     for assignment in overrides:
         apply_override(data, assignment, root)
     return from_dict(data, root)
+
+
+# ---------------------------------------------------------------------------- resume
+# What a resumed `train` may change (applied for real and recorded in config.yaml): run length,
+# cadences, logging, stop policies, clipping, precision, and the distribution layout (the data
+# order continues; the trainer warns where the run stops being bit-identical). The schedule keys
+# need train.allow_lr_change. Everything else (model, data incl. seq_len, optimizer name / args /
+# weight decay, seed) defines the run and is refused.
+TRAIN_RESUME_MAY_CHANGE = ("output_dir", "train.steps", "train.eval_every", "train.log_every", "train.progress",
+                           "train.nan_policy", "train.max_nan_skips", "train.divergence_margin", "train.max_grad_norm",
+                           "train.bf16", "train.batch_size", "train.grad_accum", "train.allow_lr_change", "checkpoint",
+                           "dist", "model.activation_checkpointing")
+TRAIN_RESUME_SCHEDULE = ("optim.lr", "train.warmup_steps", "train.min_lr_ratio")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _covered(key: str, prefixes) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+def compare_resume_config(saved: dict, new: dict, may_change=TRAIN_RESUME_MAY_CHANGE,
+                          schedule=TRAIN_RESUME_SCHEDULE, allow_schedule_change: bool = False
+                          ) -> tuple[list[str], list[str]]:
+    """Compare the config saved in a checkpoint with the one a ``--resume`` was started with.
+
+    Returns ``(refused, changed)``, each a list of ``"key: old -> new"``: ``refused`` the keys
+    that define the run (anything not under ``may_change``, plus ``schedule`` unless
+    ``allow_schedule_change``), ``changed`` the differences that will be applied. Both configs
+    are nested plain dicts (:func:`to_dict`); a key only one of them has counts as a change.
+    """
+    a, b = _flatten(saved), _flatten(new)
+    refused, changed = [], []
+    for key in sorted(set(a) | set(b)):
+        old, now = a.get(key, "<unset>"), b.get(key, "<unset>")
+        if old == now or (isinstance(old, (list, tuple)) and isinstance(now, (list, tuple)) and list(old) == list(now)):
+            continue
+        line = f"{key}: {old!r} -> {now!r}"
+        if _covered(key, may_change) or (allow_schedule_change and _covered(key, schedule)):
+            changed.append(line)
+        else:
+            refused.append(line + (" (needs train.allow_lr_change=true / --allow-lr-change)"
+                                   if _covered(key, schedule) else ""))
+    return refused, changed
+
+
+def check_resume_config(path: str, saved: dict, new: dict, **kw) -> list[str]:
+    """:func:`compare_resume_config`, raising a ConfigError that lists every refused difference;
+    returns the changes that will be applied."""
+    refused, changed = compare_resume_config(saved, new, **kw)
+    if refused:
+        raise ConfigError(f"--resume {path}: the checkpoint's run was configured differently; these keys cannot "
+                          "change mid-run: " + "; ".join(refused) + ". Resume with the checkpoint's values (see its "
+                          "config in config.yaml), or start a new run with output=<another directory>")
+    return changed
 
 
 def describe(cls=Config, prefix: str = "") -> list[str]:

@@ -87,6 +87,45 @@ def resolve_files(patterns: list[str]) -> list[str]:
     return files
 
 
+def check_file(path: str, fmt: str) -> None:
+    """Fail with one line naming ``path`` (and the line) when it is empty, not UTF-8 text, or
+    (json) not one JSON value per line / one JSON document: ``datasets`` would only say
+    ``DatasetGenerationError``."""
+    if fmt == "parquet":
+        return
+    if os.path.getsize(path) == 0:
+        raise DataError(f"data.files: {path!r} is empty")
+    with open(path, "rb") as fh:
+        raw = fh.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"data.files: {path!r} is not UTF-8 text (byte {e.start}: {raw[e.start:e.start + 4]!r}); "
+                        "is it a binary file?") from None
+    if "\x00" in text:
+        raise DataError(f"data.files: {path!r} contains NUL bytes; is it a binary file?")
+    if fmt != "json":
+        return
+    import json
+
+    if text.lstrip().startswith("["):  # one JSON document holding a list of rows
+        try:
+            json.loads(text)
+        except ValueError as e:
+            raise DataError(f"data.files: {path!r} is not valid JSON ({e})") from None
+        return
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                row = json.loads(line)
+            except ValueError as e:
+                raise DataError(f"data.files: {path!r} line {n} is not valid JSON ({e}); expected one JSON object "
+                                "per line") from None
+            if not isinstance(row, dict):
+                raise DataError(f"data.files: {path!r} line {n} is {type(row).__name__} {row!r}, not a JSON object "
+                                '(e.g. {"text": "..."})')
+
+
 def load_documents(cfg: DataConfig):
     """A ``datasets.Dataset`` with one column ``text``."""
     import datasets
@@ -102,12 +141,19 @@ def load_documents(cfg: DataConfig):
             raise DataError(f"data.files: cannot tell the format of {files[0]!r} from {ext!r}; set data.format to "
                             f"one of ['text', 'json', 'parquet']")
         fmt = _FORMATS[ext]
+    for f in files:
+        check_file(f, fmt)
     try:
         ds = datasets.load_dataset(fmt, data_files=files, split="train", keep_in_memory=True)
     except Exception as e:  # a malformed file: name the files and the format we tried
         raise DataError(f"data.files={files!r} could not be read as {fmt!r}: {type(e).__name__}: {e}") from e
     if cfg.text_field not in ds.column_names:
         raise DataError(f"data.text_field={cfg.text_field!r} is not a column of {files!r}; columns: {ds.column_names}")
+    feature = ds.features[cfg.text_field]
+    if getattr(feature, "dtype", None) not in ("string", "large_string"):
+        bad = next((i for i, t in enumerate(ds[cfg.text_field]) if t is not None and not isinstance(t, str)), 0)
+        raise DataError(f"data.text_field={cfg.text_field!r} in {files!r} holds {feature} values, not text (row {bad} "
+                        f"is {ds[bad][cfg.text_field]!r}); every row needs a string")
     return ds.select_columns([cfg.text_field]).rename_column(cfg.text_field, "text") if cfg.text_field != "text" else ds
 
 

@@ -25,6 +25,23 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
 
 
+def json_safe(obj):
+    """``obj`` with every non-finite float replaced by None (JSON ``null``): ``json.dumps`` would
+    otherwise write the bare ``NaN`` / ``Infinity`` that strict JSON readers reject."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def dump_json(obj, fh, **kw) -> None:
+    """``json.dump`` of :func:`json_safe` ``(obj)``, strict (never writes NaN)."""
+    json.dump(json_safe(obj), fh, allow_nan=False, **kw)
+
+
 def read_metrics(path: str) -> list[dict]:
     if not os.path.exists(path):
         return []
@@ -47,7 +64,7 @@ class MetricsWriter:
             kept = [m for m in read_metrics(self.path) if m["step"] <= resume_step]
             tmp = self.path + ".tmp"
             with open(tmp, "w") as fh:
-                fh.writelines(json.dumps(m) + "\n" for m in kept)
+                fh.writelines(json.dumps(json_safe(m), allow_nan=False) + "\n" for m in kept)
             os.replace(tmp, self.path)
         self._fh = open(self.path, "a")
         self._tb = None
@@ -59,7 +76,7 @@ class MetricsWriter:
             warnings.warn("tensorboard is not installed: metrics go to metrics.jsonl only (pip install tensorboard)")
 
     def write(self, record: dict) -> None:
-        self._fh.write(json.dumps(record) + "\n")
+        self._fh.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
         self._fh.flush()
         if self._tb is not None:
             for key, value in record.items():

@@ -7,14 +7,13 @@ so their run directories read the same.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Callable
 
 import yaml
 
 from .config import to_dict
-from .metrics import Curve, TRAINER_CURVES, format_summary, plot_curves, read_metrics
+from .metrics import Curve, TRAINER_CURVES, dump_json, format_summary, plot_curves, read_metrics
 
 
 def write_run_config(output_dir: str, cfg) -> None:
@@ -30,7 +29,7 @@ def finish_run(output_dir: str, summary: dict, say: Callable[[str], None], *, x:
     metrics = read_metrics(os.path.join(output_dir, "metrics.jsonl"))
     summary["loss_plot"] = plot_curves(metrics, os.path.join(output_dir, "loss.png"), x=x, curves=curves, twin=twin)
     with open(os.path.join(output_dir, "summary.json"), "w") as fh:
-        json.dump(summary, fh, indent=2)
+        dump_json(summary, fh, indent=2)  # strict JSON: a non-finite value is null
     say(format_summary(summary))
     return summary
 

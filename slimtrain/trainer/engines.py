@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import abc
 import json
+import math
 import os
 
 import torch
@@ -33,6 +34,7 @@ from ..optim.spec import OptimizerSpec
 from ..parallel.data_parallel import DataParallelOptimizer
 from ..run import checkpoint as ckpt
 from ..run.config import Config, ConfigError
+from ..run.guard import all_ranks_agree, grads_finite, local_grads_finite
 from .distributed import Distributed
 
 
@@ -106,12 +108,17 @@ class Engine(abc.ABC):
         """What the forward pass runs on."""
         return self.model
 
+    def begin_step(self) -> None:
+        """Called before the step's first forward."""
+
     def backward(self, loss: torch.Tensor, grad_accum: int) -> None:
         (loss / grad_accum).backward()
 
     @abc.abstractmethod
-    def apply(self, max_grad_norm: float) -> float:
-        """Synchronise, clip and update; returns the gradient norm before clipping (nan if none)."""
+    def apply(self, max_grad_norm: float) -> tuple[float, bool]:
+        """Synchronise, clip and update, unless a gradient is non-finite (checked on every rank, the
+        ranks agreeing): returns the gradient norm before clipping (nan if none) and whether the
+        update was applied."""
 
     def discard(self) -> None:
         """Drop this step's gradients without updating (a skipped step)."""
@@ -140,13 +147,18 @@ class ZerothOrderEngine(Engine):
 
     name = "zeroth_order"
 
-    def apply(self, max_grad_norm: float) -> float:
+    def apply(self, max_grad_norm: float) -> tuple[float, bool]:
         raise RuntimeError("a zeroth-order optimizer steps with a closure (steps.zeroth_order_step); there is no "
                            "gradient to apply")
 
 
 class LayerwiseEngine(Engine):
-    """Updates happened inside backward; ``step()`` flushes tensors whose hooks fired fewer times."""
+    """Updates happened inside backward; ``step()`` flushes tensors whose hooks fired fewer times.
+
+    The hooks refuse a non-finite piece (after averaging it over ranks, so every rank refuses the
+    same) and count it in ``optimizer.nonfinite_refused``: a step with a refused piece counts as
+    skipped. Pieces updated earlier in the same backward keep their update (the whole gradient
+    never exists at once, so it cannot be checked before the first update)."""
 
     name = "layerwise"
 
@@ -157,13 +169,17 @@ class LayerwiseEngine(Engine):
                               "layer-wise optimizer")
         if dist.world > 1:
             optimizer.grad_reducer = dist.average_in_place
+        self._refused_before = 0
 
-    def apply(self, max_grad_norm: float) -> float:
+    def begin_step(self) -> None:
+        self._refused_before = self.optimizer.nonfinite_refused
+
+    def apply(self, max_grad_norm: float) -> tuple[float, bool]:
         # per-tensor clipping (optim.args.max_grad_norm) happened in the hooks: the whole gradient
         # never exists at once, so there is no global norm to report
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float("nan")
+        return float("nan"), self.optimizer.nonfinite_refused == self._refused_before
 
 
 class DataParallelEngine(Engine):
@@ -175,12 +191,22 @@ class DataParallelEngine(Engine):
         super().__init__(model, optimizer, spec, dist)
         self.dp = DataParallelOptimizer(optimizer, zero_stage=zero_stage, lowrank=lowrank_sync, spec=spec)
 
-    def apply(self, max_grad_norm: float) -> float:
+    def apply(self, max_grad_norm: float) -> tuple[float, bool]:
+        # every rank's gradients are checked before any communication or projector refresh
+        external = self.optimizer.external_grads() if self.spec.external_grads else []
+        ok = local_grads_finite(self.model.parameters()) and all(bool(torch.isfinite(g).all()) for g in external)
+        if not all_ranks_agree(ok, self.dist.device):
+            self.discard()
+            return float("nan"), False
         self.dp.sync_gradients()
-        norm = self.dp.clip_grad_norm_(max_grad_norm) if max_grad_norm > 0 else float("nan")
+        norm = self.dp.clip_grad_norm_(max_grad_norm) if max_grad_norm > 0 else self.dp.grad_norm()
+        if not math.isfinite(norm):  # the reduced gradients overflowed
+            self.dp.discard()
+            self.discard()
+            return norm, False
         self.dp.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return norm
+        return norm, True
 
     def checkpoint_parts(self) -> dict:
         if not self.dp.sharded:
@@ -225,11 +251,14 @@ class DeepSpeedEngine(Engine):
     def backward(self, loss: torch.Tensor, grad_accum: int) -> None:
         self.engine.backward(loss)  # the engine divides by grad_accum
 
-    def apply(self, max_grad_norm: float) -> float:
+    def apply(self, max_grad_norm: float) -> tuple[float, bool]:
+        # ZeRO >= 1 keeps gradients in the engine's partitions: only stage 0 exposes p.grad to check
+        if not grads_finite(self.model.parameters(), self.dist.device):
+            return float("nan"), False
         for _ in range(self.grad_accum):  # the engine counts micro-steps; only the last one updates
             self.engine.step()
         norm = self.engine.get_global_grad_norm()
-        return float(norm) if norm is not None else float("nan")
+        return (float(norm) if norm is not None else float("nan")), True
 
     def checkpoint_parts(self) -> dict:
         if not self.partitioned:

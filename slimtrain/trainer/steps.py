@@ -26,13 +26,15 @@ class StepOutcome:
     grad_norm: float
     """Global gradient norm before clipping (nan where the engine has none)."""
     applied: bool
-    """False when the step was discarded (non-finite loss): no weight moved."""
+    """False when the step was refused (non-finite loss or gradients): no weight moved (layer-wise:
+    see :class:`.engines.LayerwiseEngine`)."""
 
 
 def backprop_step(engine: Engine, micro_batches: Iterable, loss_of: LossFn, dist: Distributed,
                   grad_accum: int, max_grad_norm: float) -> StepOutcome:
     """Forward + backward over the micro-batches, then the engine's sync / clip / update."""
     total = torch.zeros((), device=dist.device)
+    engine.begin_step()
     for batch in micro_batches:
         loss = loss_of(engine.module, batch)
         engine.backward(loss, grad_accum)
@@ -41,8 +43,8 @@ def backprop_step(engine: Engine, micro_batches: Iterable, loss_of: LossFn, dist
     if not math.isfinite(loss):
         engine.discard()
         return StepOutcome(loss, float("nan"), applied=False)
-    grad_norm = engine.apply(max_grad_norm)
-    return StepOutcome(loss, grad_norm, applied=True)
+    grad_norm, applied = engine.apply(max_grad_norm)
+    return StepOutcome(loss, grad_norm, applied)
 
 
 def zeroth_order_step(optimizer, micro_batches: Iterable, loss_of: LossFn, model, dist: Distributed,

@@ -26,9 +26,12 @@ import torch
 
 from ..optim.registry import available_optimizers, build_optimizer, optimizer_spec
 from ..run import checkpoint as ckpt
-from ..run.config import Config, ConfigError, optimizer_kwargs, to_dict
+from ..run.config import TRAIN_RESUME_SCHEDULE, Config, ConfigError, check_resume_config, optimizer_kwargs, to_dict
 from ..run.data import BlockOrder, build_tokenizer, pack
+from ..run.guard import DivergenceGuard
 from ..run.metrics import MetricsWriter, peak_memory_mb
+from ..run.resume import rescale_lr
+from ..run.rundir import claim_output_dir
 from ..run.model import build_model, count_parameters
 from ..run.wrapup import finish_run, write_run_config
 from .distributed import setup_distributed
@@ -38,7 +41,8 @@ from .steps import StepOutcome, backprop_step, zeroth_order_step
 
 
 class TrainingStopped(RuntimeError):
-    """Training stopped on bad input (non-finite loss); the message names the checkpoint to resume from."""
+    """Training stopped on bad input (non-finite loss / gradients, divergence); the message names a
+    verified checkpoint to resume from."""
 
 
 def seed_everything(seed: int) -> None:
@@ -61,10 +65,14 @@ def build_run_optimizer(cfg: Config, model):
 
 class Trainer:
     """Train ``cfg`` (see :mod:`slimtrain.run.config`); ``resume`` is a checkpoint directory,
-    ``True`` (the newest one under ``<output_dir>/checkpoints``) or None."""
+    ``True`` (the newest verified one under ``<output_dir>/checkpoints``) or None. The output
+    directory is locked until :meth:`close`; ``overwrite`` lets a fresh run delete another run's
+    checkpoints there (refused otherwise)."""
 
-    def __init__(self, cfg: Config, resume: str | bool | None = None):
+    def __init__(self, cfg: Config, resume: str | bool | None = None, overwrite: bool = False):
         self.cfg = cfg
+        self.overwrite = overwrite
+        self.run_lock = None
         self.dist = setup_distributed(cfg.dist.engine)
         self.world, self.rank, self.device = self.dist.world, self.dist.rank, self.dist.device
         try:
@@ -75,6 +83,9 @@ class Trainer:
 
     def _build(self, resume) -> None:
         cfg = self.cfg
+        # before anything is read, deleted or written there
+        self.run_lock = claim_output_dir(cfg.output_dir, resuming=bool(resume), overwrite=self.overwrite,
+                                         command="train", rank=self.rank)
         seed_everything(cfg.train.seed)
         self.ckpt_root = os.path.join(cfg.output_dir, "checkpoints")
 
@@ -95,9 +106,10 @@ class Trainer:
         self.step = 0
         self.nan_skips = 0
         self.resumed_from = None
+        self.divergence = DivergenceGuard(cfg.train.divergence_margin)
         if resume:
             self._load(ckpt.resolve_resume(self.ckpt_root, resume))
-        self.last_checkpoint = ckpt.latest_checkpoint(self.ckpt_root)
+        self.last_checkpoint = ckpt.latest_good_checkpoint(self.ckpt_root, warn=False)
 
     # ------------------------------------------------------------------ data and loss
     @property
@@ -148,10 +160,12 @@ class Trainer:
         """Checkpoint the current step; on a failed write (e.g. disk full) warn and keep the last good one."""
         trainer_state = {"step": self.step, "data_position": self.step * self.global_batch, "world_size": self.world,
                          "scheduler": self.scheduler.state_dict(), "nan_skips": self.nan_skips,
-                         "config": to_dict(self.cfg)}
+                         "config": to_dict(self.cfg), "initial_eval_loss": self.divergence.initial}
         try:
             path = ckpt.save_checkpoint(self.ckpt_root, self.step, rank=self.rank, trainer_state=trainer_state,
                                         keep=self.cfg.checkpoint.keep, **self.engine.checkpoint_parts())
+        except ckpt.NonFiniteState as e:
+            raise TrainingStopped(f"{e}. {self._resume_hint()}") from None
         except OSError as e:
             self._say(f"WARNING: could not save the checkpoint of step {self.step} ({e}); training goes on, "
                       f"the last good checkpoint is {self.last_checkpoint}")
@@ -161,12 +175,19 @@ class Trainer:
 
     def _load(self, path: str) -> None:
         state = ckpt.load_file(path, "trainer.pt")
+        changed = check_resume_config(path, state["config"], to_dict(self.cfg),
+                                      allow_schedule_change=self.cfg.train.allow_lr_change)
+        if changed:
+            self._say(f"resume: applying changed settings: {'; '.join(changed)}")
         if state["world_size"] != self.world and self.rank == 0:
             warnings.warn(f"resuming a {state['world_size']}-rank checkpoint on {self.world} ranks: the data order "
                           "continues, but the run is no longer bit-identical to an uninterrupted one")
         self.engine.load(path, state["config"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if any(line.split(":")[0] in TRAIN_RESUME_SCHEDULE for line in changed):
+            rescale_lr(self.scheduler, self.cfg.optim.lr / state["config"]["optim"]["lr"])
         self.step, self.nan_skips = state["step"], state["nan_skips"]
+        self.divergence.initial = state.get("initial_eval_loss")
         if state["data_position"] != self.step * self.global_batch and self.rank == 0:
             warnings.warn(f"the global batch changed since the checkpoint ({state['data_position']} samples "
                           f"after {self.step} steps); the data order continues from step {self.step}")
@@ -195,6 +216,8 @@ class Trainer:
         bar = tqdm(total=cfg.train.steps, initial=self.step, disable=self.rank != 0 or not cfg.train.progress,
                    unit="step", dynamic_ncols=True)
         self.model.train()
+        if self.divergence.enabled and self.divergence.initial is None:
+            self.divergence.initial = self.evaluate()[0]  # the reference the divergence check compares with
         start, trained_steps, consecutive_skips = time.perf_counter(), 0, 0
         try:
             while self.step < cfg.train.steps:
@@ -249,12 +272,22 @@ class Trainer:
                 + (f", resumed from {self.resumed_from}" if self.resumed_from else ""))
 
     def _evaluate_and_log(self, writer, say: bool = True) -> tuple[float, float]:
+        """Evaluate, log, and stop a run that diverged (eval loss too far above the initial one)."""
         eval_loss, ppl = self.evaluate()
         if writer:
             writer.write({"step": self.step, "eval_loss": eval_loss, "eval_ppl": ppl})
         if say:
             self._say(f"step {self.step}: eval loss {eval_loss:.4f}, perplexity {ppl:.2f}")
+        why = self.divergence.check(eval_loss, self.step)
+        if why is not None:
+            raise TrainingStopped(f"{why}. {self._resume_hint()} with a lower optim.lr (--allow-lr-change), or "
+                                  "raise train.divergence_margin (0 turns the check off)")
         return eval_loss, ppl
+
+    def _resume_hint(self) -> str:
+        good = ckpt.latest_good_checkpoint(self.ckpt_root, warn=False) if self.rank == 0 else self.last_checkpoint
+        return (f"resume with: slimtrain train ... --resume {good}" if good
+                else "no checkpoint was written yet; restart from scratch")
 
     def _handle_skip(self, outcome: StepOutcome, consecutive: int) -> None:
         """A step that was not applied: stop (policy, limit, zeroth-order) or warn and go on."""
@@ -262,19 +295,20 @@ class Trainer:
         policy = self.cfg.train
         if policy.nan_policy == "stop" or self.spec.zeroth_order or consecutive > policy.max_nan_skips:
             raise TrainingStopped(self._nan_message(outcome.loss, consecutive))
-        self._say(f"WARNING: non-finite loss {outcome.loss} at step {self.step + 1}; step skipped "
+        self._say(f"WARNING: non-finite loss or gradients (loss {outcome.loss}) at step {self.step + 1}; step skipped "
                   f"({consecutive} in a row, limit train.max_nan_skips={policy.max_nan_skips})")
 
     def _nan_message(self, loss: float, skips: int) -> str:
-        resume = (f"resume with: slimtrain train ... --resume {self.last_checkpoint}" if self.last_checkpoint
-                  else "no checkpoint was written yet; restart from scratch")
         why = "train.nan_policy=stop" if self.cfg.train.nan_policy == "stop" else (
             f"{skips} consecutive skipped steps > train.max_nan_skips" if not self.spec.zeroth_order
             else "a zeroth-order step cannot be skipped")
-        return (f"non-finite loss {loss} at step {self.step + 1} ({why}); parameters from that step were not "
-                f"applied. {resume} (consider a lower optim.lr, train.bf16=false, or train.nan_policy=skip)")
+        what = f"non-finite loss {loss}" if not math.isfinite(loss) else f"non-finite gradients (loss {loss})"
+        return (f"{what} at step {self.step + 1} ({why}); parameters from that step were not applied. "
+                f"{self._resume_hint()} (consider a lower optim.lr, train.bf16=false, or train.nan_policy=skip)")
 
     def close(self) -> None:
+        if self.run_lock is not None:
+            self.run_lock.release()
         self.dist.close()
 
 

@@ -60,20 +60,21 @@ def test_nonfinite_gradient_with_finite_loss_is_not_applied(tmp_path, optim, ext
     trainer = Trainer(cfg)
     poisoned = _poison_grad_at(trainer, 2)
     seen = {}
-    real_step = trainer._step_backprop
+    real_step = trainer.run_step
 
-    def step(s):
+    def step():
+        s = trainer.step
         before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
         old = poisoned.detach().clone()
-        out = real_step(s)
+        out = real_step()
         # layer-wise: the tensors updated inside backward before the bad one arrived keep their
         # update; only the non-finite piece is refused (and the step counts as skipped)
         unmoved = (torch.equal(old, poisoned) if optim == "galore_layerwise" else
                    all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items()))
-        seen[s + 1] = (out[2], unmoved)
+        seen[s + 1] = (out.applied, unmoved)
         return out
 
-    trainer._step_backprop = step
+    trainer.run_step = step
     summary = trainer.train()
     trainer.close()
     assert seen[2] == (False, True)  # refused, and not a single weight moved
@@ -83,9 +84,11 @@ def test_nonfinite_gradient_with_finite_loss_is_not_applied(tmp_path, optim, ext
 
 
 def test_issue_repro_huge_lr_never_writes_nan_checkpoints(tmp_path):
-    # the issue's command, on the tiny model: lr=1e6 with a 10000-step warmup and keep=2
+    # the issue's command, on the tiny model: lr=1e6 with a 10000-step warmup and keep=2. The issue
+    # ran before optim.weight_decay reached the trainer's optimizer, i.e. with torch AdamW's default
+    # 0.01, which is what blows the weights up to non-finite values: say so explicitly.
     out = tmp_path / "o"
-    cfg = load_config(None, tiny_overrides(tmp_path, str(out), **{
+    cfg = load_config(None, tiny_overrides(tmp_path, str(out), **{"optim.weight_decay": 0.01,
         "train.steps": 30, "checkpoint.every": 1, "checkpoint.keep": 2, "optim.lr": 1e6,
         "train.warmup_steps": 10000, "train.nan_policy": "skip", "train.max_nan_skips": 3,
         "train.divergence_margin": 0}))

@@ -47,9 +47,11 @@ from ..optim.registry import available_optimizers, build_optimizer
 from ..parallel.data_parallel import DataParallelOptimizer, galore_optimizer_of
 from ..run import checkpoint as ckpt
 from ..run.config import Config, ConfigError, to_dict
-from ..run.data import BlockOrder, build_tokenizer, pack
+from ..run.data import BlockOrder, build_tokenizer
+from ..run.export import export_model
 from ..run.metrics import MetricsWriter, format_summary, peak_memory_mb, plot_losses, read_metrics
 from ..run.model import build_model, count_parameters
+from ..run.tasks import build_task, format_metrics
 
 
 class TrainingStopped(RuntimeError):
@@ -98,9 +100,9 @@ class Trainer:
         self._seed_everything(cfg.train.seed)
         self.ckpt_root = os.path.join(cfg.output_dir, "checkpoints")
 
-        self.tokenizer = build_tokenizer(cfg.data)
-        self.data = pack(cfg.data, self.tokenizer)
-        self.order = BlockOrder(len(self.data.train), cfg.train.seed)
+        self.tokenizer = build_tokenizer(cfg.data, cfg.model)
+        self.task = build_task(cfg.data, self.tokenizer)  # lm / sft / classification: batches and metrics
+        self.order = BlockOrder(self.task.n_train, cfg.train.seed)
 
         torch.manual_seed(cfg.train.seed)  # model init depends on the seed only, not on data loading
         self.model = build_model(cfg.model, self.tokenizer.vocab_size, cfg.data.seq_len,
@@ -249,19 +251,20 @@ class Trainer:
     def global_batch(self) -> int:
         return self.cfg.train.batch_size * self.cfg.train.grad_accum * self.world
 
-    def _micro_batch(self, step: int, micro: int) -> torch.Tensor:
+    def _micro_batch(self, step: int, micro: int) -> dict:
         b = self.cfg.train.batch_size
         start = (step * self.cfg.train.grad_accum + micro) * self.world * b + self.rank * b
-        return self.data.train[self.order.blocks(start, b)].to(self.device)  # (B, T)
+        batch = self.task.batch(self.order.blocks(start, b))  # input_ids / labels (/ attention_mask), (B, T)
+        return {k: v.to(self.device) for k, v in batch.items()}
 
     def _autocast(self):
         if not self.cfg.train.bf16:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
-    def _loss(self, module, ids: torch.Tensor) -> torch.Tensor:
+    def _loss(self, module, batch: dict) -> torch.Tensor:
         with self._autocast():
-            return module(input_ids=ids, labels=ids).loss.float()
+            return module(**batch).loss.float()
 
     def _average_in_place(self, t: torch.Tensor) -> None:
         dist.all_reduce(t)
@@ -331,22 +334,13 @@ class Trainer:
 
     # ------------------------------------------------------------------ eval
     @torch.no_grad()
-    def evaluate(self) -> tuple[float, float]:
-        """Mean loss over the held-out blocks (sharded over ranks, summed exactly) and perplexity."""
+    def evaluate(self) -> dict:
+        """The task's held-out metrics (``eval_loss`` and ``eval_ppl`` or ``eval_accuracy``), sharded over ranks."""
         self.model.eval()
-        blocks = self.data.eval
-        b = self.cfg.train.batch_size
-        mine = blocks[self.rank:: self.world]
-        stats = torch.zeros(2, dtype=torch.float64)  # (sum of per-block losses, blocks)
-        for i in range(0, len(mine), b):
-            ids = mine[i: i + b].to(self.device)
-            loss = self._loss(self.model, ids)
-            stats += torch.tensor([float(loss) * len(ids), len(ids)], dtype=torch.float64)
-        if self.world > 1:
-            dist.all_reduce(stats)
+        metrics = self.task.evaluate(self.model, self.cfg.train.batch_size, self.device, self.rank, self.world,
+                                     self._autocast)
         self.model.train()
-        mean = float(stats[0] / stats[1])
-        return mean, math.exp(min(mean, 50.0))
+        return metrics
 
     # ------------------------------------------------------------------ checkpoints
     def _trainer_state(self) -> dict:
@@ -426,8 +420,7 @@ class Trainer:
                 yaml.safe_dump(to_dict(cfg), fh, sort_keys=False)
         writer = MetricsWriter(cfg.output_dir, self.step if self.resumed_from else None) if self.rank == 0 else None
         self._say(f"slimtrain: {count_parameters(self.model) / 1e6:.2f}M parameters ({cfg.model.name}), "
-                  f"optimizer {cfg.optim.name}, {len(self.data.train)} train / {len(self.data.eval)} eval blocks of "
-                  f"{cfg.data.seq_len} tokens, {self.world} rank(s), engine {cfg.dist.engine}"
+                  f"optimizer {cfg.optim.name}, {self.task.describe()}, {self.world} rank(s), engine {cfg.dist.engine}"
                   + (f", resumed from {self.resumed_from}" if self.resumed_from else ""))
         tokens_per_step = self.global_batch * cfg.data.seq_len
         bar = tqdm(total=cfg.train.steps, initial=self.step, disable=self.rank != 0 or not cfg.train.progress,
@@ -470,16 +463,18 @@ class Trainer:
                     writer.write(record)
                 last = self.step == cfg.train.steps
                 if (cfg.train.eval_every and self.step % cfg.train.eval_every == 0) and not last:
-                    eval_loss, ppl = self.evaluate()
+                    metrics = self.evaluate()
                     if writer:
-                        writer.write({"step": self.step, "eval_loss": eval_loss, "eval_ppl": ppl})
-                    self._say(f"step {self.step}: eval loss {eval_loss:.4f}, perplexity {ppl:.2f}")
+                        writer.write({"step": self.step, **metrics})
+                    self._say(f"step {self.step}: {format_metrics(metrics)}")
                 if last or (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0):
                     self.save()
             train_time = time.perf_counter() - start
-            eval_loss, ppl = self.evaluate()
+            metrics = self.evaluate()
             if writer:
-                writer.write({"step": self.step, "eval_loss": eval_loss, "eval_ppl": ppl})
+                writer.write({"step": self.step, **metrics})
+            if cfg.export.dir:
+                export_model(self.model, cfg.export.dir, self.tokenizer, dtype=cfg.export.dtype, rank=self.rank)
         finally:
             bar.close()
             if writer:
@@ -493,11 +488,12 @@ class Trainer:
             "tokens_per_s": trained_steps * tokens_per_step / train_time if train_time > 0 else 0.0,
             "peak_memory_mb": peak_memory_mb(self.device),
             "peak_memory_kind": "cuda max allocated" if self.device.type == "cuda" else "rss (rank 0)",
-            "final_eval_loss": eval_loss,
-            "final_eval_ppl": ppl,
+            **{f"final_{k}": v for k, v in metrics.items()},
             "nan_skips": self.nan_skips,
             "checkpoint": self.last_checkpoint,
         }
+        if cfg.export.dir:
+            summary["export"] = cfg.export.dir
         if self.rank == 0:
             metrics = read_metrics(os.path.join(cfg.output_dir, "metrics.jsonl"))
             summary["loss_plot"] = plot_losses(metrics, os.path.join(cfg.output_dir, "loss.png"))

@@ -126,7 +126,7 @@ def run_method(method: str, args, model_dir: pathlib.Path, train: pathlib.Path, 
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     data = data_overrides(args.task, train, args.eval_rows)
-    cli = [sys.executable, "-m", "slimtrain.launch.cli"]
+    cli = [sys.executable, "-m", "slimtrain"]
     if method == "zero_shot":
         cmd = cli + ["eval", f"model.name={model_dir}", f"train.batch_size={args.batch}"] + data
     else:

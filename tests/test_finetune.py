@@ -337,3 +337,21 @@ def test_finetune_defaults_train_a_classification_task(root, tmp_path, path):
     finally:
         t.close()
     assert 0 <= summary["final_eval_accuracy"] <= 1 and math.isfinite(summary["final_eval_loss"])
+
+
+# ---------------------------------------------------------------------------- bf16 weights
+@pytest.mark.parametrize("optim", ["adamw", "adamw8bit", "galore_adamw", "galore_adamw8bit", "lisa", "mezo",
+                                   "sparse_mezo"])
+def test_bf16_weights_fine_tune(root, tmp_path, optim):
+    extra = {"model.dtype": "bfloat16", "optim.name": optim, "train.steps": 2, "export.dir": tmp_path / "hf"}
+    if "galore" in optim:
+        extra["optim.args.rank"] = 4
+    if optim == "lisa":
+        extra["optim.args.n_active"] = 1
+    t = _trainer(root, str(tmp_path / "run"), **extra)
+    before = {k: v.clone() for k, v in t.model.state_dict().items()}
+    summary = t.train()
+    t.close()
+    assert all(p.dtype == torch.bfloat16 for p in t.model.parameters())
+    assert any(not torch.equal(before[k], v) for k, v in t.model.state_dict().items())  # the weights moved
+    assert math.isfinite(summary["final_eval_loss"])

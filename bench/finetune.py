@@ -30,7 +30,9 @@ import random
 import shutil
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -213,6 +215,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--train-rows", type=int, default=2000)
     p.add_argument("--eval-rows", type=int, default=0, help="0: the whole dev file")
+    p.add_argument("--jobs", type=int, default=1, help="rows run side by side")
     p.add_argument("--work", default=str(ROOT / "runs" / "bench_finetune"))
     p.add_argument("--results", default="", help="JSON file of rows (default <work>/<task>.json)")
     p.add_argument("--plot", default="", help="PNG (default docs/img/finetune_<task>.png)")
@@ -226,14 +229,23 @@ def main() -> None:
     if not args.plot_only:
         model_dir = prepare_model(work)
         train = train_subset(args.task, args.train_rows, work)
-        for method in args.methods.split(","):
+        lock = threading.Lock()
+
+        def one(method: str) -> None:
+            nonlocal rows
             row = run_method(method, args, model_dir, train, work)
-            rows = [r for r in rows if r["method"] != method] + [row]
-            rows.sort(key=lambda r: METHODS.index(r["method"]))
-            results.write_text(json.dumps(rows, indent=1))
-            print(json.dumps({k: v for k, v in row.items() if k != "error"}), flush=True)
-            if "error" in row:
-                print(row["error"], file=sys.stderr)
+            with lock:
+                rows = [r for r in rows if r["method"] != method] + [row]
+                rows.sort(key=lambda r: METHODS.index(r["method"]))
+                results.write_text(json.dumps(rows, indent=1))
+                print(json.dumps({k: v for k, v in row.items() if k != "error"}), flush=True)
+                if "error" in row:
+                    print(row["error"], file=sys.stderr)
+
+        # --jobs > 1 runs rows side by side (each a fresh process; its RSS is its own, its seconds
+        # per step then include the neighbours' competition for the cores)
+        with ThreadPoolExecutor(args.jobs) as pool:
+            list(pool.map(one, args.methods.split(",")))
     print(table(rows, args))
     plot(rows, png, f"SmolLM2-135M on {args.task.upper()}: {args.steps} steps x {args.batch} (backprop), "
                     f"{args.zo_steps} x {args.batch} (MeZO)")

@@ -202,7 +202,7 @@ def test_export_round_trip_gives_the_trainers_logits_and_accuracy(root, tmp_path
     t.close()
 
 
-def test_cli_export_of_a_checkpoint_and_eval_of_both(root, tmp_path):
+def test_cli_export_of_a_checkpoint_and_eval_of_both(root, tmp_path, capsys):
     from slimtrain.launch.cli import main
 
     run = tmp_path / "run"
@@ -214,13 +214,19 @@ def test_cli_export_of_a_checkpoint_and_eval_of_both(root, tmp_path):
     assert main(["export", ckpt, str(tmp_path / "hf")]) == 0
     from slimtrain.run.scoring import config_of_checkpoint, score
 
-    from_ckpt = score(config_of_checkpoint(ckpt))
+    from_ckpt = score(config_of_checkpoint(ckpt), ckpt)
     cfg = load_config(None, _overrides(root, str(tmp_path / "x"), **{"model.name": tmp_path / "hf"}))
     from_hf = score(cfg)
     assert from_ckpt["eval_accuracy"] == from_hf["eval_accuracy"] == summary["final_eval_accuracy"]
     assert from_hf["eval_loss"] == pytest.approx(summary["final_eval_loss"], rel=1e-5)
+    assert from_ckpt["eval_loss"] == pytest.approx(summary["final_eval_loss"], rel=1e-5)
     zero_shot = score(load_config(None, _overrides(root, str(tmp_path / "y"))))
     assert zero_shot["examples"] == 16 and 0 <= zero_shot["eval_accuracy"] <= 1
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", ckpt]) == 0
+    cli = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert cli == from_ckpt
+    assert main(["eval", "--checkpoint", ckpt, "data.label_words={0: ' terrible film', 1: ' great'}"]) == 2
 
 
 # ---------------------------------------------------------------------------- tied weights, targets

@@ -124,7 +124,7 @@ def state_bytes(ckpt_dir: pathlib.Path) -> int:
 def run_method(method: str, args, model_dir: pathlib.Path, train: pathlib.Path, work: pathlib.Path) -> dict:
     env = dict(os.environ, PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
     env.setdefault("OMP_NUM_THREADS", "2")
-    out = work / f"{args.task}_{method}"
+    out = work / (f"{args.task}_{method}" + (f"_{args.zo_steps}" if method in ZO else ""))
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     data = data_overrides(args.task, train, args.eval_rows)

@@ -102,6 +102,7 @@ class Trainer:
 
         self.tokenizer = build_tokenizer(cfg.data, cfg.model)
         self.task = build_task(cfg.data, self.tokenizer)  # lm / sft / classification: batches and metrics
+        self.data = getattr(self.task, "packed", None)  # the lm task's PackedData (None for sft / classification)
         self.order = BlockOrder(self.task.n_train, cfg.train.seed)
 
         torch.manual_seed(cfg.train.seed)  # model init depends on the seed only, not on data loading

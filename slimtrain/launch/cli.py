@@ -124,10 +124,68 @@ def _run_federated(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides, e.g. model.name=DIR data.task=classification data.eval_files=[dev.tsv] "
+                        "data.label_words=\"{0: ' terrible', 1: ' great'}\"")
+    p.add_argument("--checkpoint", help="a checkpoint directory (<output_dir>/checkpoints/step_N): its model and "
+                                        "config, overrides on top; without it, model.name as it is (zero-shot)")
+    p.add_argument("--config", "-c", help="YAML config file (ignored with --checkpoint)")
+    p.add_argument("--help-config", action="store_true", help="list every config key with its default and meaning")
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from ..run.config import ConfigError, describe, load_config
+
+    if args.help_config:
+        print("\n".join(describe()))
+        return 0
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from ..run.data import DataError
+    from ..run.scoring import config_of_checkpoint, score
+
+    try:
+        cfg = (config_of_checkpoint(args.checkpoint, args.overrides) if args.checkpoint
+               else load_config(args.config, args.overrides))
+        metrics = score(cfg, args.checkpoint)
+    except (ConfigError, DataError, FileNotFoundError) as e:
+        print(f"slimtrain eval: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(metrics))
+    return 0
+
+
+def _add_export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint directory (<output_dir>/checkpoints/step_N)")
+    p.add_argument("out", metavar="OUT", help="the Hugging Face directory to write")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. export.dtype=bfloat16")
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from ..run.config import ConfigError
+    from ..run.data import DataError
+    from ..run.scoring import export_checkpoint
+
+    try:
+        out = export_checkpoint(args.checkpoint, args.out, args.overrides)
+    except (ConfigError, DataError, FileNotFoundError) as e:
+        print(f"slimtrain export: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+    print(f"slimtrain export: wrote {out} (AutoModelForCausalLM.from_pretrained({out!r}))")
+    return 0
+
+
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
     "train": ("train a model (config file and/or key=value overrides)", _add_train_args, _run_train),
     "federated": ("federated simulation with DP aggregation (config file and/or key=value overrides)",
                   _add_federated_args, _run_federated),
+    "eval": ("score a checkpoint or a Hugging Face model on a task without training (zero-shot: model.name=DIR)",
+             _add_eval_args, _run_eval),
+    "export": ("write a checkpoint as a Hugging Face directory (safetensors, config, tokenizer)",
+               _add_export_args, _run_export),
 }
 
 

@@ -30,6 +30,18 @@ def _matches(name: str, module: nn.Module, target, output_names: set[str]) -> bo
     return any(name == t or name.endswith("." + t) for t in target)
 
 
+def matching_module_names(model: nn.Module, target_modules) -> list[str]:
+    """Names of the modules ``target_modules`` selects (same rules as :func:`galore_param_groups`)."""
+    if isinstance(target_modules, (list, tuple, set)):
+        target_modules = list(target_modules)
+    output_names = _output_layer_names(model)
+    names = [n for n, m in model.named_modules() if n and _matches(n, m, target_modules, output_names)]
+    if not names:
+        sample = [n for n, _ in model.named_modules() if n][:12]
+        raise ValueError(f"target_modules={target_modules!r} matched no module. Module names look like: {sample}")
+    return names
+
+
 def galore_param_groups(
     model: nn.Module,
     target_modules: str | Iterable[str] = ALL_LINEAR,

@@ -25,7 +25,7 @@ from .galore_adamw import GaLoreAdamW
 from .galore_adamw8bit import GaLoreAdamW8bit
 from .lisa import LISA
 from .mezo import MeZO, SparseMeZO, zo_param_groups
-from .param_groups import galore_param_groups
+from .param_groups import ALL_LINEAR, galore_param_groups, matching_module_names
 from .qgalore import QGaLoreAdamW8bit, qgalore_param_groups, quantize_weights
 from .spec import PLAIN, OptimizerSpec
 
@@ -124,11 +124,15 @@ def _lisa(model: nn.Module, inner: str = "adamw", n_active: int = 2, interval: i
 
 def _qgalore(model: nn.Module, weight_bits: int = 8, weight_group_size: int = 256, exclude=("lm_head",),
              **kwargs) -> QGaLoreAdamW8bit:
-    """QGaLoreAdamW8bit: first swaps ``model``'s nn.Linear layers (but ``exclude``) for INT8
-    QuantLinear layers *in place* (quantize_weights), then projects those INT8 weights."""
+    """QGaLoreAdamW8bit: first swaps ``model``'s nn.Linear layers (those ``target_modules`` names,
+    as for GaLore; but ``exclude``) for INT8 QuantLinear layers *in place* (quantize_weights),
+    then projects those INT8 weights."""
     galore, rest = _split_galore(dict(kwargs))
-    if galore.pop("target_modules", "all-linear") != "all-linear":
-        raise ValueError("qgalore_adamw8bit projects every quantized linear layer; choose them with `exclude`")
+    target = galore.pop("target_modules", ALL_LINEAR)
+    if target != ALL_LINEAR:  # quantize (and project) only the chosen matrices; the rest stay fp32
+        chosen = set(matching_module_names(model, target))
+        exclude = tuple(exclude) + tuple(n for n, m in model.named_modules()
+                                         if type(m) is nn.Linear and n not in chosen)
     quantize_weights(model, bits=weight_bits, group_size=weight_group_size, exclude=exclude)
     return QGaLoreAdamW8bit(qgalore_param_groups(model, **galore), **rest)
 

@@ -69,6 +69,8 @@ class ModelConfig:
                     choices=("float32", "bfloat16"))
     activation_checkpointing: bool = setting(False, "recompute decoder layers in backward (less memory, ~30% slower)")
     max_position_embeddings: int = setting(0, "override the preset's context length (0: max(preset, data.seq_len))")
+    gguf_file: str = setting("", "a GGUF file inside the model.name directory (e.g. SmolLM2-135M-Instruct.Q4_1.gguf): "
+                        "weights are dequantized to model.dtype by transformers, the tokenizer comes from it too")
 
     def __post_init__(self):
         require(bool(self.name), "model.name", self.name, "give a preset name or a model directory")
@@ -80,12 +82,37 @@ class ModelConfig:
 class DataConfig:
     files: list = setting([], "local text / .jsonl / .json / .parquet files (globs allowed); empty: the built-in "
                      "English corpus (Python's own documentation, read from pydoc_data at run time)")
-    format: str = setting("auto", "file format; auto picks it from the first file's extension",
-                     choices=("auto", "text", "json", "parquet"))
+    format: str = setting("auto", "file format; auto picks it from the first file's extension (.tsv: tab-separated with "
+                     "a header, as GLUE ships; a directory: datasets.load_from_disk)",
+                     choices=("auto", "text", "json", "parquet", "csv", "tsv", "disk"))
     text_field: str = setting("text", "the column holding the text in json / parquet files")
-    tokenizer: str = setting("byte", "'byte' (built-in byte-level tokenizer, 256 bytes + <eos>, no download) or a "
-                        "local Hugging Face tokenizer directory")
-    seq_len: int = setting(128, "tokens per training block; documents are joined with <eos> and packed")
+    tokenizer: str = setting("auto", "'auto' (the model's own tokenizer when model.name is a local directory that has one "
+                        "or model.gguf_file is set, else 'byte'), 'byte' (built-in byte-level tokenizer, 256 bytes + "
+                        "<eos>, no download) or a local Hugging Face tokenizer directory")
+    seq_len: int = setting(128, "tokens per training block (lm: documents joined with <eos> and packed; sft / "
+                      "classification: the longest example, longer ones are truncated and counted)")
+    task: str = setting("lm", "lm: next-token loss on packed text; sft: prompt/response pairs (or chat messages), loss "
+                   "on the response only; classification: a prompt template plus one label word per class, loss "
+                   "on the label word, accuracy = argmax over the label words' logits (docs/finetune.md)",
+                   choices=("lm", "sft", "classification"))
+    eval_files: list = setting([], "sft / classification: held-out files scored by evaluate (empty: every k-th row of "
+                          "data.files, k = 1 / data.eval_fraction)")
+    template: str = setting("", "classification: prompt template with {column} fields, e.g. '{sentence} It was' "
+                       "(empty: '{<text_fields[0]>}'); sft: prompt template (empty: '{<prompt_field>}')")
+    text_fields: list = setting([], "classification: the text column(s) (empty: 'sentence', or 'sentence1,sentence2' "
+                           "when the file has them, else 'text')")
+    label_field: str = setting("label", "classification: the label column")
+    label_words: dict = setting({}, "classification: label value -> label word (one token with its leading space), "
+                           "e.g. {0: ' terrible', 1: ' great'}")
+    prompt_field: str = setting("prompt", "sft: the prompt column")
+    response_field: str = setting("response", "sft: the response column")
+    messages_field: str = setting("messages", "sft: a column of chat messages ([{role, content}, ...]) rendered with the "
+                             "tokenizer's chat template; used when the prompt column is absent; the last "
+                             "assistant message is the response")
+    truncation_side: str = setting("left", "sft / classification: which end of an over-long prompt is cut (left keeps "
+                              "the words next to the answer); every cut example is counted in a warning",
+                              choices=("left", "right"))
+    max_eval_examples: int = setting(0, "sft / classification: score at most this many held-out examples (0: all)")
     eval_fraction: float = setting(0.05, "share of documents held out for evaluation (at least one document)")
     max_eval_blocks: int = setting(64, "evaluate on at most this many held-out blocks")
 
@@ -97,6 +124,10 @@ class DataConfig:
         require(0.0 < self.eval_fraction < 1.0, "data.eval_fraction", self.eval_fraction,
                "must be strictly between 0 and 1 (e.g. 0.05)")
         require(self.max_eval_blocks >= 1, "data.max_eval_blocks", self.max_eval_blocks, "must be >= 1")
+        for key in ("eval_files", "text_fields"):
+            if isinstance(getattr(self, key), str):
+                setattr(self, key, [getattr(self, key)])
+        require(self.max_eval_examples >= 0, "data.max_eval_examples", self.max_eval_examples, "must be >= 0")
 
 
 @dataclass
@@ -184,6 +215,13 @@ class CheckpointConfig:
 
 
 @dataclass
+class ExportConfig:
+    dir: str = setting("", "after the run, write a Hugging Face directory here (save_pretrained: safetensors, config, "
+                  "generation config, the tokenizer); empty: no export. Also: slimtrain export CHECKPOINT OUT")
+    dtype: str = setting("float32", "dtype of the exported weights", choices=("float32", "bfloat16"))
+
+
+@dataclass
 class Config:
     output_dir: str = setting("runs/slimtrain", "run directory: checkpoints/, metrics.jsonl, tensorboard/, "
                          "loss.png, summary.json, config.yaml")
@@ -193,6 +231,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
 
 
 # ---------------------------------------------------------------------------- building
@@ -419,5 +458,5 @@ def describe(cls=Config, prefix: str = "") -> list[str]:
 
 
 __all__ = ["Config", "ModelConfig", "DataConfig", "OptimConfig", "TrainConfig", "DistConfig", "CheckpointConfig",
-           "ConfigError", "load_config", "from_dict", "to_dict", "apply_override", "describe", "optimizer_kwargs",
-           "require", "setting"]
+           "ExportConfig", "ConfigError", "load_config", "from_dict", "to_dict", "apply_override", "describe",
+           "optimizer_kwargs", "require", "setting"]

@@ -36,21 +36,24 @@ class ByteTokenizer:
 
 
 class HFTokenizer:
-    """A local Hugging Face tokenizer directory (``AutoTokenizer``), without special tokens added per
-    document: documents are joined with ``eos_token_id`` by the packer."""
+    """A local Hugging Face tokenizer directory (``AutoTokenizer``, or the tokenizer inside a GGUF
+    file), without special tokens added per document: documents are joined with ``eos_token_id``
+    by the packer."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, gguf_file: str = ""):
         from transformers import AutoTokenizer
 
         if not os.path.isdir(path):
             raise DataError(f"data.tokenizer={path!r} is neither 'byte' nor an existing tokenizer directory")
-        self.tok = AutoTokenizer.from_pretrained(path)
+        self.tok = AutoTokenizer.from_pretrained(path, **({"gguf_file": gguf_file} if gguf_file else {}))
         eos = self.tok.eos_token_id if self.tok.eos_token_id is not None else self.tok.sep_token_id
         if eos is None:
             raise DataError(f"data.tokenizer={path!r} has no eos_token (needed to separate packed documents)")
         self.eos_token_id = eos
         self.bos_token_id = self.tok.bos_token_id
+        self.pad_token_id = self.tok.pad_token_id
         self.vocab_size = len(self.tok)
+        self.has_chat_template = bool(getattr(self.tok, "chat_template", None))
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False)
@@ -58,8 +61,30 @@ class HFTokenizer:
     def decode(self, ids) -> str:
         return self.tok.decode(ids)
 
+    def chat_prompt(self, messages: list[dict]) -> str:
+        """The chat template's rendering of ``messages`` up to the assistant's turn."""
+        return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
-def build_tokenizer(cfg: DataConfig):
+    def save_pretrained(self, path: str) -> None:
+        self.tok.save_pretrained(path)
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def model_has_tokenizer(model_cfg) -> bool:
+    path = model_cfg.name
+    return bool(model_cfg.gguf_file) or (os.path.isdir(path) and any(
+        os.path.exists(os.path.join(path, n)) for n in _TOKENIZER_FILES))
+
+
+def build_tokenizer(cfg: DataConfig, model_cfg=None):
+    """``data.tokenizer``: 'byte', a directory, or 'auto' (the model's own tokenizer when
+    ``model_cfg`` names a directory holding one or a GGUF file, else 'byte')."""
+    if cfg.tokenizer == "auto":
+        if model_cfg is not None and model_has_tokenizer(model_cfg):
+            return HFTokenizer(model_cfg.name, model_cfg.gguf_file)
+        return ByteTokenizer()
     return ByteTokenizer() if cfg.tokenizer == "byte" else HFTokenizer(cfg.tokenizer)
 
 

@@ -56,7 +56,12 @@ def build_model(cfg: ModelConfig, vocab_size: int, seq_len: int, bos_id: int | N
         model = LlamaForCausalLM(hf)
     elif os.path.exists(cfg.name):
         path = cfg.name
-        if _has_weights(path):
+        if cfg.gguf_file:
+            if not os.path.isfile(os.path.join(path, cfg.gguf_file)):
+                raise ConfigError(f"model.gguf_file={cfg.gguf_file!r} is not a file in model.name={path!r}")
+            # transformers dequantizes the GGUF tensors (needs the `gguf` package)
+            model = AutoModelForCausalLM.from_pretrained(path, gguf_file=cfg.gguf_file, dtype=torch.float32)
+        elif _has_weights(path):
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         else:
             hf = AutoConfig.from_pretrained(path)

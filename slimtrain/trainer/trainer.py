@@ -27,11 +27,13 @@ import torch
 from ..optim.registry import available_optimizers, build_optimizer, optimizer_spec
 from ..run import checkpoint as ckpt
 from ..run.config import TRAIN_RESUME_SCHEDULE, Config, ConfigError, check_resume_config, optimizer_kwargs, to_dict
-from ..run.data import BlockOrder, build_tokenizer, pack
+from ..run.data import BlockOrder, build_tokenizer
+from ..run.export import export_model
 from ..run.guard import DivergenceGuard
 from ..run.metrics import MetricsWriter, peak_memory_mb
 from ..run.resume import rescale_lr
 from ..run.rundir import claim_output_dir
+from ..run.tasks import build_task, format_metrics
 from ..run.model import build_model, count_parameters
 from ..run.wrapup import finish_run, write_run_config
 from .distributed import setup_distributed
@@ -89,9 +91,9 @@ class Trainer:
         seed_everything(cfg.train.seed)
         self.ckpt_root = os.path.join(cfg.output_dir, "checkpoints")
 
-        self.tokenizer = build_tokenizer(cfg.data)
-        self.data = pack(cfg.data, self.tokenizer)
-        self.order = BlockOrder(len(self.data.train), cfg.train.seed)
+        self.tokenizer = build_tokenizer(cfg.data, cfg.model)
+        self.task = build_task(cfg.data, self.tokenizer)  # lm / sft / classification: batches and metrics
+        self.order = BlockOrder(self.task.n_train, cfg.train.seed)
 
         torch.manual_seed(cfg.train.seed)  # model init depends on the seed only, not on data loading
         self.model = build_model(cfg.model, self.tokenizer.vocab_size, cfg.data.seq_len,
@@ -117,17 +119,21 @@ class Trainer:
         return self.cfg.train.batch_size * self.cfg.train.grad_accum * self.world
 
     def micro_batches(self, step: int):
-        """The micro-batches of ``step`` on this rank, read lazily: (B, T) token blocks."""
+        """The micro-batches of ``step`` on this rank, read lazily: the task's model inputs
+        (``input_ids`` / ``labels`` / ``attention_mask``, (B, T))."""
         b, ga = self.cfg.train.batch_size, self.cfg.train.grad_accum
         for m in range(ga):
             start = (step * ga + m) * self.world * b + self.rank * b
-            yield self.data.train[self.order.blocks(start, b)].to(self.device)
+            yield {k: v.to(self.device) for k, v in self.task.batch(self.order.blocks(start, b)).items()}
 
-    def loss_of(self, module, ids: torch.Tensor) -> torch.Tensor:
-        autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if self.cfg.train.bf16
-                    else contextlib.nullcontext())
-        with autocast:
-            return module(input_ids=ids, labels=ids).loss.float()
+    def _autocast(self):
+        if not self.cfg.train.bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    def loss_of(self, module, batch: dict) -> torch.Tensor:
+        with self._autocast():
+            return module(**batch).loss.float()
 
     def run_step(self) -> StepOutcome:
         """One optimizer step of the configured kind (the schedule advances in the loop)."""
@@ -140,20 +146,13 @@ class Trainer:
 
     # ------------------------------------------------------------------ eval
     @torch.no_grad()
-    def evaluate(self) -> tuple[float, float]:
-        """Mean loss over the held-out blocks (sharded over ranks, summed exactly) and perplexity."""
+    def evaluate(self) -> dict:
+        """The task's held-out metrics (``eval_loss`` and ``eval_ppl`` or ``eval_accuracy``), sharded over ranks."""
         self.model.eval()
-        b = self.cfg.train.batch_size
-        mine = self.data.eval[self.rank:: self.world]
-        stats = torch.zeros(2, dtype=torch.float64)  # (sum of per-block losses, blocks)
-        for i in range(0, len(mine), b):
-            ids = mine[i: i + b].to(self.device)
-            loss = self.loss_of(self.model, ids)
-            stats += torch.tensor([float(loss) * len(ids), len(ids)], dtype=torch.float64)
-        stats = self.dist.sum(stats)
+        metrics = self.task.evaluate(self.model, self.cfg.train.batch_size, self.device, self.rank, self.world,
+                                     self._autocast)
         self.model.train()
-        mean = float(stats[0] / stats[1])
-        return mean, math.exp(min(mean, 50.0))
+        return metrics
 
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> str | None:
@@ -217,7 +216,7 @@ class Trainer:
                    unit="step", dynamic_ncols=True)
         self.model.train()
         if self.divergence.enabled and self.divergence.initial is None:
-            self.divergence.initial = self.evaluate()[0]  # the reference the divergence check compares with
+            self.divergence.initial = self.evaluate()["eval_loss"]  # what the divergence check compares with
         start, trained_steps, consecutive_skips = time.perf_counter(), 0, 0
         try:
             while self.step < cfg.train.steps:
@@ -248,7 +247,9 @@ class Trainer:
                 if last or (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0):
                     self.save()
             train_time = time.perf_counter() - start
-            eval_loss, ppl = self._evaluate_and_log(writer, say=False)
+            metrics = self._evaluate_and_log(writer, say=False)
+            if cfg.export.dir:  # a Hugging Face directory of the final weights
+                export_model(self.model, cfg.export.dir, self.tokenizer, dtype=cfg.export.dtype, rank=self.rank)
         finally:
             bar.close()
             if writer:
@@ -259,30 +260,30 @@ class Trainer:
             "tokens_per_s": trained_steps * tokens_per_step / train_time if train_time > 0 else 0.0,
             "peak_memory_mb": peak_memory_mb(self.device),
             "peak_memory_kind": "cuda max allocated" if self.device.type == "cuda" else "rss (rank 0)",
-            "final_eval_loss": eval_loss, "final_eval_ppl": ppl, "nan_skips": self.nan_skips,
-            "checkpoint": self.last_checkpoint,
+            **{f"final_{k}": v for k, v in metrics.items()}, "nan_skips": self.nan_skips,
+            "checkpoint": self.last_checkpoint, **({"export": cfg.export.dir} if cfg.export.dir else {}),
         }
         return finish_run(cfg.output_dir, summary, self._say) if self.rank == 0 else summary
 
     def _banner(self) -> str:
         cfg = self.cfg
         return (f"slimtrain: {count_parameters(self.model) / 1e6:.2f}M parameters ({cfg.model.name}), "
-                f"optimizer {cfg.optim.name}, {len(self.data.train)} train / {len(self.data.eval)} eval blocks of "
-                f"{cfg.data.seq_len} tokens, {self.world} rank(s), engine {cfg.dist.engine} ({self.engine.name})"
+                f"optimizer {cfg.optim.name}, {self.task.describe()}, {self.world} rank(s), "
+                f"engine {cfg.dist.engine} ({self.engine.name})"
                 + (f", resumed from {self.resumed_from}" if self.resumed_from else ""))
 
-    def _evaluate_and_log(self, writer, say: bool = True) -> tuple[float, float]:
+    def _evaluate_and_log(self, writer, say: bool = True) -> dict:
         """Evaluate, log, and stop a run that diverged (eval loss too far above the initial one)."""
-        eval_loss, ppl = self.evaluate()
+        metrics = self.evaluate()
         if writer:
-            writer.write({"step": self.step, "eval_loss": eval_loss, "eval_ppl": ppl})
+            writer.write({"step": self.step, **metrics})
         if say:
-            self._say(f"step {self.step}: eval loss {eval_loss:.4f}, perplexity {ppl:.2f}")
-        why = self.divergence.check(eval_loss, self.step)
+            self._say(f"step {self.step}: {format_metrics(metrics)}")
+        why = self.divergence.check(metrics["eval_loss"], self.step)
         if why is not None:
             raise TrainingStopped(f"{why}. {self._resume_hint()} with a lower optim.lr (--allow-lr-change), or "
                                   "raise train.divergence_margin (0 turns the check off)")
-        return eval_loss, ppl
+        return metrics
 
     def _resume_hint(self) -> str:
         good = ckpt.latest_good_checkpoint(self.ckpt_root, warn=False) if self.rank == 0 else self.last_checkpoint

@@ -83,7 +83,7 @@ def _trainer(root, out, task="classification", **extra):
 def test_task_trains_and_reports_its_metrics(root, tmp_path, task):
     t = _trainer(root, str(tmp_path / "run"), task, **{"train.steps": 6, "optim.lr": 3e-3})
     with torch.no_grad():
-        first = float(t._loss(t.model, t._micro_batch(0, 0)))
+        first = float(t.loss_of(t.model, next(t.micro_batches(0))))
     summary = t.train()
     t.close()
     assert summary["final_eval_loss"] > 0 and torch.isfinite(torch.tensor(summary["final_eval_loss"]))
@@ -98,7 +98,7 @@ def test_task_trains_and_reports_its_metrics(root, tmp_path, task):
 
 def test_batches_pad_right_and_mask_everything_but_the_answer(root, tmp_path):
     t = _trainer(root, str(tmp_path / "run"))
-    b = t._micro_batch(0, 0)
+    b = next(t.micro_batches(0))
     lengths = b["attention_mask"].sum(1)
     assert b["input_ids"].shape[1] == int(lengths.max())  # padded to the longest of the batch
     for row in range(len(lengths)):
@@ -112,9 +112,9 @@ def test_batches_pad_right_and_mask_everything_but_the_answer(root, tmp_path):
 
 def test_sft_loss_is_the_response_tokens_only(root, tmp_path):
     t = _trainer(root, str(tmp_path / "run"), "sft")
-    b = t._micro_batch(0, 0)
+    b = next(t.micro_batches(0))
     with torch.no_grad():
-        loss = float(t._loss(t.model, b))
+        loss = float(t.loss_of(t.model, b))
         # by hand: cross entropy of each response token given everything before it, unpadded
         total, count = 0.0, 0
         for row in range(len(b["input_ids"])):

@@ -47,6 +47,18 @@ class _QuantLinearFn(torch.autograd.Function):
         return grad_x, None, None, grad_b, None
 
 
+def quantize_rtn(weight: Tensor, group_size: int = 256) -> tuple[Tensor, Tensor]:
+    """Dense ``weight`` -> (INT8 codes shaped like it, fp32 scale per ``group_size`` values),
+    symmetric, round to nearest: how a weight enters INT8 storage (training updates then
+    re-quantize stochastically)."""
+    w = weight.float()
+    groups = kernels.reference._blocks(w, group_size)
+    scales = groups.abs().amax(1) / 127.0
+    safe = torch.where(scales > 0, scales, torch.ones_like(scales))
+    codes = torch.round(groups / safe[:, None]).clamp(-127, 127).to(torch.int8).reshape(-1)[: w.numel()]
+    return codes.view(w.shape), scales
+
+
 class QuantLinear(nn.Module):
     """``nn.Linear`` whose weight is stored as INT8 codes with one fp32 scale per group.
 
@@ -58,16 +70,24 @@ class QuantLinear(nn.Module):
     def __init__(self, linear: nn.Linear, group_size: int = 256):
         super().__init__()
         self.in_features, self.out_features, self.group_size = linear.in_features, linear.out_features, group_size
-        w = linear.weight.detach().float()
-        groups = kernels.reference._blocks(w, group_size)
-        scales = groups.abs().amax(1) / 127.0
-        safe = torch.where(scales > 0, scales, torch.ones_like(scales))
-        # Round to nearest once at conversion; training updates re-quantize stochastically.
-        codes = torch.round(groups / safe[:, None]).clamp(-127, 127).to(torch.int8).reshape(-1)[: w.numel()]
-        self.weight = nn.Parameter(codes.view(w.shape).to(linear.weight.device), requires_grad=False)
+        codes, scales = quantize_rtn(linear.weight.detach(), group_size)
+        self.weight = nn.Parameter(codes.to(linear.weight.device), requires_grad=False)
         self.register_buffer("weight_scales", scales.to(linear.weight.device))
         self.bias = linear.bias
         self._tag()
+
+    @classmethod
+    def from_codes(cls, codes: Tensor, scales: Tensor, bias: nn.Parameter | None, group_size: int) -> "QuantLinear":
+        """A QuantLinear around INT8 ``codes`` (out, in) and their group ``scales`` (no dense copy)."""
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.out_features, self.in_features = codes.shape
+        self.group_size = group_size
+        self.weight = nn.Parameter(codes, requires_grad=False)
+        self.register_buffer("weight_scales", scales)
+        self.bias = bias
+        self._tag()
+        return self
 
     def _tag(self) -> None:
         setattr(self.weight, SCALES_ATTR, self.weight_scales)

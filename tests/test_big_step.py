@@ -143,3 +143,169 @@ def test_meta_build_peak_is_final_footprint_plus_one_tensor():
     bound = final + 2 * largest + 16 * 2**20
     assert growth <= bound, (growth, final, largest)
     assert eager > bound and eager > 1.5 * final, (eager, final)  # the eager build held the fp32 model
+
+
+# ---------------------------------------------------------------------------- layer-wise step
+STEPS = 4
+
+
+def _model(dtype: str = "float32", int8: bool = False, checkpointing: bool = False) -> torch.nn.Module:
+    return _build(dtype=dtype, int8_weights=int8, init_device="meta", activation_checkpointing=checkpointing,
+                  seed=1)
+
+
+def _optimizer(kind: str, model, layerwise: bool, accumulation: int = 1, **extra):
+    from slimtrain.optim import AdamW8bit, GaLoreAdamW8bit, QGaLoreAdamW8bit, galore_param_groups, qgalore_param_groups
+
+    common = dict(lr=3e-3, layerwise=layerwise, accumulation_steps=accumulation, **extra)
+    if kind == "adamw8bit":
+        return AdamW8bit([p for p in model.parameters() if p.requires_grad], min_8bit_size=256, max_grad_norm=1.0,
+                         **common)
+    if kind == "galore_adamw8bit":
+        groups = galore_param_groups(model, rank=8, update_proj_gap=2, scale=0.25, max_grad_norm=1.0)
+        return GaLoreAdamW8bit(groups, min_8bit_size=256, **common)
+    groups = qgalore_param_groups(model, rank=8, update_proj_gap=2, scale=0.25)
+    return QGaLoreAdamW8bit(groups, min_8bit_size=256, **common)
+
+
+def _batches(n: int):
+    from helpers import text_batches
+
+    return text_batches(n, batch=2, seq=SEQ, seed=0)
+
+
+def _train(model, optimizer, steps: int = STEPS, accumulation: int = 1, batches=None) -> list[float]:
+    """Losses of ``steps`` optimizer steps, each over ``accumulation`` micro-batches."""
+    batches = batches if batches is not None else _batches(steps * accumulation)
+    losses = []
+    for s in range(steps):
+        total = 0.0
+        for m in range(accumulation):
+            ids = batches[s * accumulation + m]
+            loss = model(ids, labels=ids).loss
+            (loss / accumulation).backward()
+            total += float(loss.detach()) / accumulation
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(total)
+    return losses
+
+
+CASES = [("adamw8bit", "float32", False), ("galore_adamw8bit", "float32", False), ("qgalore_adamw8bit", "float32", True),
+         ("adamw8bit", "bfloat16", False), ("galore_adamw8bit", "bfloat16", False),
+         ("qgalore_adamw8bit", "bfloat16", True)]
+
+
+@pytest.mark.parametrize("kind,dtype,int8", CASES)
+def test_layerwise_equals_ordinary_step(kind, dtype, int8):
+    """The layer-wise step (with activation checkpointing) against the ordinary step without it.
+
+    Both apply the same per-tensor update in the same order of operations (per-tensor clipping,
+    the same stochastic-rounding seeds), so the curves agree to 1e-5 in fp32 and exactly for bf16
+    weights / INT8 weights with stochastic rounding too: the rounding stream depends only on
+    (tensor, step), not on when the update runs."""
+    sr = dict(stochastic_rounding=True) if dtype == "bfloat16" else {}
+    ordinary_model = _model(dtype, int8)
+    ordinary = _train(ordinary_model, _optimizer(kind, ordinary_model, False, **sr))
+    layer_model = _model(dtype, int8, checkpointing=True)
+    layerwise = _train(layer_model, _optimizer(kind, layer_model, True, **sr))
+    tol = 1e-5 if dtype == "float32" else 0.0
+    assert max(abs(a - b) for a, b in zip(ordinary, layerwise)) <= tol, (ordinary, layerwise)
+    assert layerwise[-1] < layerwise[0]  # it trains
+    _assert_same_tensors(ordinary_model.state_dict(), layer_model.state_dict())
+
+
+@pytest.mark.parametrize("kind", ["adamw8bit", "qgalore_adamw8bit"])
+def test_layerwise_gradient_accumulation_equals_ordinary(kind):
+    int8 = kind == "qgalore_adamw8bit"
+    ordinary_model = _model(int8=int8)
+    ordinary = _train(ordinary_model, _optimizer(kind, ordinary_model, False), steps=3, accumulation=2)
+    layer_model = _model(int8=int8)
+    layerwise = _train(layer_model, _optimizer(kind, layer_model, True, accumulation=2), steps=3, accumulation=2)
+    assert max(abs(a - b) for a, b in zip(ordinary, layerwise)) <= 1e-5, (ordinary, layerwise)
+
+
+def _live_gradient_counter(model):
+    """Hooks (registered before the optimizer's, so they run first) that record the most
+    gradients alive at once during backward, INT8 weights' ``float_grad`` included."""
+    from slimtrain.optim.qgalore import GRAD_ATTR
+
+    params = [p for p in model.parameters()]
+    peak = [0]
+
+    def count(*_):
+        live = sum(1 for p in params if p.grad is not None or getattr(p, GRAD_ATTR, None) is not None)
+        peak[0] = max(peak[0], live)
+
+    for p in params:
+        if p.requires_grad:
+            p.register_post_accumulate_grad_hook(count)
+    return params, peak
+
+
+@pytest.mark.parametrize("kind,int8", [("adamw8bit", False), ("galore_adamw8bit", False), ("qgalore_adamw8bit", True)])
+def test_layerwise_never_holds_the_whole_gradient(kind, int8):
+    model = _model("bfloat16", int8, checkpointing=True)
+    params, peak = _live_gradient_counter(model)
+    optimizer = _optimizer(kind, model, True, stochastic_rounding=True)
+    before = [p.detach().clone() for p in params]
+    ids = _batches(1)[0]
+    model(ids, labels=ids).loss.backward()
+    from slimtrain.optim.qgalore import GRAD_ATTR
+
+    # every tensor was updated inside backward and its gradient freed there
+    assert all(p.grad is None and getattr(p, GRAD_ATTR, None) is None for p in params)
+    assert all(not torch.equal(a, p) for a, p in zip(before, params))
+    assert peak[0] == 1, peak  # only the tensor whose hook is running holds a gradient
+    after = [p.detach().clone() for p in params]
+    optimizer.step()  # nothing left to flush
+    assert all(torch.equal(a, p) for a, p in zip(after, params))
+
+
+def test_bf16_stochastic_rounding_tracks_fp32_curve():
+    """bf16 weights without an fp32 master copy stay on the fp32 curve: the loss after each of 4
+    AdamW8bit steps (lr 3e-3) differs from the fp32-weight run by less than 0.02 nats (bf16 keeps
+    8 bits of mantissa: one rounding of the weights moves the tiny model's loss ~1e-3; stochastic
+    rounding keeps the error unbiased, so it does not accumulate into a drift over a few steps)."""
+    fp32_model = _model("float32")
+    reference = _train(fp32_model, _optimizer("adamw8bit", fp32_model, False))
+    bf16_model = _model("bfloat16")
+    rounded = _train(bf16_model, _optimizer("adamw8bit", bf16_model, True, stochastic_rounding=True))
+    assert max(abs(a - b) for a, b in zip(reference, rounded)) < 0.02, (reference, rounded)
+
+
+def test_layerwise_resume_is_exact(tmp_path):
+    """2 + 2 steps of the 7B configuration's recipe (INT8 + bf16 weights, QGaLoreAdamW8bit
+    layer-wise, stochastic rounding, checkpointing) through a weights_only save equal 4 steps."""
+    batches = _batches(STEPS)
+    model = _model("bfloat16", True, checkpointing=True)
+    whole = _train(model, _optimizer("qgalore_adamw8bit", model, True, stochastic_rounding=True), batches=batches)
+
+    model = _model("bfloat16", True, checkpointing=True)
+    optimizer = _optimizer("qgalore_adamw8bit", model, True, stochastic_rounding=True)
+    first = _train(model, optimizer, steps=2, batches=batches[:2])
+    torch.save({"model": model.state_dict(), "optim": optimizer.state_dict()}, tmp_path / "ckpt.pt")
+    saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    model = _build(dtype="bfloat16", int8_weights=True, init_device="meta", activation_checkpointing=True, seed=99)
+    model.load_state_dict(saved["model"])
+    optimizer = _optimizer("qgalore_adamw8bit", model, True, stochastic_rounding=True)
+    optimizer.load_state_dict(saved["optim"])
+    second = _train(model, optimizer, steps=2, batches=batches[2:])
+    assert first + second == whole
+
+
+# ---------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("overrides,match", [
+    ({"optim.name": "adamw"}, r"optim.name='adamw': this optimizer has no layer-wise .* adamw8bit"),
+    ({"optim.name": "mezo"}, r"zeroth-order optimizer computes no gradient"),
+    ({"optim.name": "adamw8bit", "dist.zero_stage": 1}, r"ZeRO shards .* dist.zero_stage=0"),
+    ({"optim.name": "adamw8bit", "train.max_grad_norm": 1.0}, r"global-norm clipping .* optim.args.max_grad_norm"),
+])
+def test_layerwise_config_refused_at_start_up(overrides, match):
+    from slimtrain.run.config import load_config
+    from slimtrain.run.layerwise import check_layerwise_config
+
+    base = {"optim.args": "{layerwise: true}", "train.max_grad_norm": 0}
+    cfg = load_config(None, [f"{k}={v}" for k, v in {**base, **overrides}.items()])
+    with pytest.raises(ConfigError, match=match):
+        check_layerwise_config(cfg)

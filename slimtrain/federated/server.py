@@ -106,7 +106,7 @@ class FederatedSimulation:
         device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
         torch.manual_seed(fc.seed)  # the initial global model depends on the seed only
         self.model = build_model(cfg.model, self.tokenizer.vocab_size, cfg.data.seq_len,
-                                 self.tokenizer.bos_token_id, self.tokenizer.eos_token_id).to(device)
+                                 self.tokenizer.bos_token_id, self.tokenizer.eos_token_id, seed=fc.seed).to(device)
         optim_args = dict(cfg.optim.args)
         if cfg.optim.weight_decay and "weight_decay" not in optim_args:
             optim_args["weight_decay"] = cfg.optim.weight_decay

@@ -200,12 +200,22 @@ def adamw8bit_update(
 
 
 # ---------------------------------------------------------------------------- stochastic rounding
+SR_CHUNK = 1 << 20  # elements per call of the PyTorch twins of the rounding kernels
+
+
 def stochastic_round_bf16(x: Tensor, seed: int, *, backend: str | None = None) -> Tensor:
     """fp32 -> bf16 with stochastic rounding (unbiased: ``E[out] = x``); ``seed`` picks the draw."""
     be = resolve(x, backend)
     seed = int(seed) & 0x7FFFFFFF
     if be != "triton":
-        return ref.stochastic_round_bf16(x, seed)
+        if x.numel() <= SR_CHUNK:
+            return ref.stochastic_round_bf16(x, seed)
+        # The twin's hash works in int64 (~40 bytes per element of transients): chunked, a
+        # large weight's rounding costs a few MiB; the result is the same element for element.
+        flat, out = x.reshape(-1), torch.empty(x.numel(), dtype=torch.bfloat16, device=x.device)
+        for s in range(0, flat.numel(), SR_CHUNK):
+            out[s:s + SR_CHUNK] = ref.stochastic_round_bf16(flat[s:s + SR_CHUNK], seed, start=s)
+        return out.view(x.shape)
     from . import triton_kernels as tk
 
     x = x.contiguous().float()
@@ -222,7 +232,17 @@ def quantize_int8_sr(x: Tensor, group_size: int = DEFAULT_BLOCK, seed: int = 0, 
     _check_block(group_size, be)
     seed = int(seed) & 0x7FFFFFFF
     if be != "triton":
-        return ref.quantize_int8_sr(x, group_size, seed)
+        chunk = max(group_size, SR_CHUNK // group_size * group_size)
+        if x.numel() <= chunk:
+            return ref.quantize_int8_sr(x, group_size, seed)
+        flat = x.reshape(-1)
+        codes = torch.empty(x.numel(), dtype=torch.int8, device=x.device)
+        scales = torch.empty(n_blocks(x.numel(), group_size), dtype=torch.float32, device=x.device)
+        for s in range(0, flat.numel(), chunk):  # whole groups per chunk: same result as one call
+            c, sc = ref.quantize_int8_sr(flat[s:s + chunk], group_size, seed, start=s)
+            codes[s:s + chunk] = c
+            scales[s // group_size:s // group_size + sc.numel()] = sc
+        return codes.view(x.shape), scales
     from . import triton_kernels as tk
 
     x = x.contiguous()

@@ -21,6 +21,9 @@ from .galore_adamw8bit import GaLoreAdamW8bit
 # buffer, so they travel in model.state_dict()), its group size, and the fp32 gradient that
 # backward leaves for the optimizer (int8 tensors cannot hold a .grad).
 SCALES_ATTR, GROUP_ATTR, GRAD_ATTR = "quant_scales", "quant_group_size", "float_grad"
+# A layer-wise optimizer's hook for an INT8 weight: called by backward right after it
+# accumulated ``float_grad`` (what a post-accumulate-grad hook is for a ``requires_grad`` tensor).
+HOOK_ATTR = "float_grad_hook"
 
 
 class _QuantLinearFn(torch.autograd.Function):
@@ -44,6 +47,9 @@ class _QuantLinearFn(torch.autograd.Function):
         previous = getattr(codes, GRAD_ATTR, None)
         setattr(codes, GRAD_ATTR, grad_w if previous is None else previous.add_(grad_w))
         grad_b = go.sum(0) if ctx.has_bias else None
+        hook = getattr(codes, HOOK_ATTR, None)
+        if hook is not None:  # layer-wise: update this weight now and free its gradient
+            hook(codes)
         return grad_x, None, None, grad_b, None
 
 
@@ -149,6 +155,17 @@ def _grad_of(p: Tensor) -> Tensor | None:
     return p.grad if p.grad is not None else getattr(p, GRAD_ATTR, None)
 
 
+class _AttrHook:
+    """Removable handle of a hook stored on an INT8 weight (see ``HOOK_ATTR``)."""
+
+    def __init__(self, p: Tensor):
+        self.p = p
+
+    def remove(self) -> None:
+        if hasattr(self.p, HOOK_ATTR):
+            delattr(self.p, HOOK_ATTR)
+
+
 class QGaLoreAdamW8bit(GaLoreAdamW8bit):
     """GaLoreAdamW8bit for INT8 weights, with INT4 projectors and adaptive projector refresh.
 
@@ -172,8 +189,13 @@ class QGaLoreAdamW8bit(GaLoreAdamW8bit):
 
     Data parallel: with ``torch.distributed`` initialised, the fp32 gradients of the INT8
     weights (which DDP does not see: they are not ``requires_grad`` parameters) are averaged
-    across ranks in :meth:`step`; other gradients are left to DDP. Layer-wise mode is not
-    supported (the INT8 weight gradient is not a ``.grad`` that hooks see).
+    across ranks in :meth:`step`; other gradients are left to DDP.
+
+    Layer-wise mode (``layerwise=True``): every tensor is updated inside backward and its
+    gradient freed there -- INT8 weights from :class:`QuantLinear`'s backward (which calls the
+    hook it finds on the weight), the others from their post-accumulate-grad hooks -- so the
+    model's whole gradient never exists. ``stochastic_rounding=True`` also rounds the bf16
+    tensors (embeddings, head, norms) stochastically (INT8 weights always are).
     """
 
     def __init__(
@@ -194,6 +216,9 @@ class QGaLoreAdamW8bit(GaLoreAdamW8bit):
         block_size: int = kernels.DEFAULT_BLOCK,
         backend: str | None = None,
         allreduce_grads: bool = True,
+        layerwise: bool = False,
+        accumulation_steps: int = 1,
+        stochastic_rounding: bool = False,
     ):
         if not 0.0 <= cos_threshold <= 1.0:
             raise ValueError(f"cos_threshold={cos_threshold!r} must lie in [0, 1]")
@@ -209,7 +234,27 @@ class QGaLoreAdamW8bit(GaLoreAdamW8bit):
                              max_proj_gap=max_proj_gap, proj_group_size=proj_group_size)
         self.allreduce_grads = allreduce_grads
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias,
-                         min_8bit_size=min_8bit_size, block_size=block_size, backend=backend)
+                         min_8bit_size=min_8bit_size, block_size=block_size, backend=backend, layerwise=layerwise,
+                         accumulation_steps=accumulation_steps, stochastic_rounding=stochastic_rounding)
+
+    # ------------------------------------------------------------------ layer-wise hooks
+    def _grad(self, p: Tensor) -> Tensor | None:
+        return getattr(p, GRAD_ATTR, None) if p.dtype == torch.int8 else p.grad
+
+    def _set_grad(self, p: Tensor, value: Tensor | None) -> None:
+        if p.dtype == torch.int8:
+            setattr(p, GRAD_ATTR, value)
+        else:
+            p.grad = value
+
+    def _register_layerwise_hooks(self, params=None) -> None:
+        params = params if params is not None else [p for g in self.param_groups for p in g["params"]]
+        dense = [p for p in params if p.dtype != torch.int8]
+        super()._register_layerwise_hooks(dense)
+        for p in params:
+            if p.dtype == torch.int8:
+                setattr(p, HOOK_ATTR, self._layerwise_hook)
+                self._hooks.append(_AttrHook(p))
 
     def add_param_group(self, param_group: dict) -> None:
         if "rank" in param_group:
@@ -322,12 +367,13 @@ class QGaLoreAdamW8bit(GaLoreAdamW8bit):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None):
-        if self.layerwise:
-            raise ValueError("QGaLoreAdamW8bit does not support layerwise=True")
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self.layerwise:
+            self._flush_layerwise()
+            return loss
         self._allreduce_float_grads()
         for group in self.param_groups:
             for p in group["params"]:
@@ -340,6 +386,8 @@ class QGaLoreAdamW8bit(GaLoreAdamW8bit):
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        if self.layerwise:
+            return  # the hooks consume (and free) every gradient
         super().zero_grad(set_to_none=set_to_none)
         for group in self.param_groups:
             for p in group["params"]:

@@ -19,7 +19,7 @@ from .galore_adamw8bit import GaLoreAdamW8bit
 from .lisa import LISA
 from .mezo import MeZO, SparseMeZO, zo_param_groups
 from .param_groups import galore_param_groups
-from .qgalore import QGaLoreAdamW8bit, qgalore_param_groups, quantize_weights
+from .qgalore import QGaLoreAdamW8bit, QuantLinear, qgalore_param_groups, quantize_weights
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 
@@ -75,7 +75,8 @@ def _qgalore(model: nn.Module, weight_bits: int = 8, weight_group_size: int = 25
     galore, rest = _split_galore(dict(kwargs))
     if galore.pop("target_modules", "all-linear") != "all-linear":
         raise ValueError("qgalore_adamw8bit projects every quantized linear layer; choose them with `exclude`")
-    quantize_weights(model, bits=weight_bits, group_size=weight_group_size, exclude=exclude)
+    if not any(isinstance(m, QuantLinear) for m in model.modules()):  # else built INT8 already (model.int8_weights)
+        quantize_weights(model, bits=weight_bits, group_size=weight_group_size, exclude=exclude)
     return QGaLoreAdamW8bit(qgalore_param_groups(model, **galore), **rest)
 
 
@@ -90,6 +91,16 @@ OPTIMIZERS: dict[str, OptimizerFactory] = {
     "sparse_mezo": _zeroth_order(SparseMeZO),
     "lisa": _lisa,
 }
+
+
+# Optimizers whose update can run inside backward, one tensor at a time (``layerwise=True``):
+# until the capability specs land (issue 11), the one place that says so.
+LAYERWISE = frozenset({"galore_adamw", "galore_adafactor", "adamw8bit", "galore_adamw8bit", "qgalore_adamw8bit"})
+
+
+def supports_layerwise(name: str) -> bool:
+    """Whether optimizer ``name`` has the layer-wise (update-in-backward) path."""
+    return name in LAYERWISE
 
 
 def _register_optional_baselines() -> None:

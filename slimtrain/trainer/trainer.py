@@ -49,6 +49,7 @@ from ..run import checkpoint as ckpt
 from ..run.config import Config, ConfigError, to_dict
 from ..run.data import BlockOrder, build_tokenizer, pack
 from ..run.metrics import MetricsWriter, format_summary, peak_memory_mb, plot_losses, read_metrics
+from ..run.layerwise import check_layerwise_config
 from ..run.model import build_model, count_parameters
 
 
@@ -95,6 +96,7 @@ class Trainer:
 
     def _build(self, resume) -> None:
         cfg = self.cfg
+        check_layerwise_config(cfg)  # before anything is built: what a layer-wise run cannot have
         self._seed_everything(cfg.train.seed)
         self.ckpt_root = os.path.join(cfg.output_dir, "checkpoints")
 
@@ -104,7 +106,8 @@ class Trainer:
 
         torch.manual_seed(cfg.train.seed)  # model init depends on the seed only, not on data loading
         self.model = build_model(cfg.model, self.tokenizer.vocab_size, cfg.data.seq_len,
-                                 self.tokenizer.bos_token_id, self.tokenizer.eos_token_id).to(self.device)
+                                 self.tokenizer.bos_token_id, self.tokenizer.eos_token_id, seed=cfg.train.seed,
+                                 progress=cfg.train.progress and self.rank == 0).to(self.device)
         self.optimizer = self._build_optimizer()
         self.zeroth_order = bool(getattr(self.optimizer, "zeroth_order", False))
         self.layerwise = bool(getattr(self.optimizer, "layerwise", False))

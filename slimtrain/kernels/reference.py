@@ -182,7 +182,7 @@ def stochastic_round_bf16(x: Tensor, seed: int, start: int = 0) -> Tensor:
     is a chunk of (the random stream is indexed by element, so chunks give the whole's result).
     """
     flat = x.reshape(-1).float()
-    idx = torch.arange(start, start + flat.numel(), device=x.device)
+    idx = torch.arange(flat.numel(), device=x.device) + start
     bits = flat.view(torch.int32).to(torch.int64) & _MASK32
     rounded = ((bits + (hash32(seed, idx) & 0xFFFF)) & _MASK32) >> 16
     plain = bits >> 16
@@ -203,14 +203,15 @@ def quantize_int8_sr(x: Tensor, group: int, seed: int, start: int = 0) -> tuple[
     xb = _blocks(x.float(), group)
     scale = xb.abs().amax(dim=1) / 127.0
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    u = _blocks(uniform01(seed, torch.arange(start, start + n, device=x.device)), group)
+    u = _blocks(uniform01(seed, torch.arange(n, device=x.device) + start), group)
     q = torch.floor(xb / safe[:, None] + u).clamp(-127.0, 127.0)
     return q.to(torch.int8).reshape(-1)[:n].view(x.shape), scale
 
 
 def dequantize_int8(codes: Tensor, scales: Tensor, group: int) -> Tensor:
     cb = _blocks(codes, group)
-    return (cb.float() * scales[:, None]).reshape(-1)[: codes.numel()].view(codes.shape)
+    # in place: one fp32 copy of the weight in flight, not two
+    return cb.float().mul_(scales[:, None]).reshape(-1)[: codes.numel()].view(codes.shape)
 
 
 # ---------------------------------------------------------------------------- INT4

@@ -42,6 +42,7 @@ class _QuantLinearFn(torch.autograd.Function):
         codes = ctx.codes
         weight = kernels.dequantize_int8(codes, scales, ctx.group_size).to(grad_out.dtype)
         grad_x = grad_out @ weight
+        del weight  # the dequantized copy is not needed for dL/dW (nor by the update the hook may run)
         go = grad_out.reshape(-1, grad_out.shape[-1])  # (tokens, out)
         grad_w = (go.T @ x.reshape(-1, x.shape[-1])).float()  # (out, in)
         previous = getattr(codes, GRAD_ATTR, None)

@@ -140,6 +140,31 @@ def _tied_names(model: nn.Module) -> set[str]:
 
 
 # ---------------------------------------------------------------------------- meta building
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+
+
+def unmap_large_allocations(threshold: int = 1 << 20) -> bool:
+    """Have glibc serve every allocation of ``threshold`` bytes or more with its own mapping,
+    returned to the system when freed.
+
+    By default glibc raises this threshold each time a large block is freed, after which
+    tensors of one layer's size come from the heap, where the blocks freed between the
+    long-lived tensors (weights, states) stay resident: building a model tensor by tensor
+    then ends with the freed transients still counted in RSS (measured: Llama-350m INT8 ended
+    at 1.9 GiB instead of 0.9). Fixing the threshold keeps the footprint at what is alive.
+    Returns whether it was applied (glibc only).
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        return bool(libc is not None and libc.mallopt(M_MMAP_THRESHOLD, int(threshold)) == 1)
+    except (OSError, AttributeError):
+        return False
+
+
 @contextlib.contextmanager
 def parameters_on_meta() -> Iterator[None]:
     """Modules built inside get their parameters on the ``meta`` device (no memory, no init

@@ -79,6 +79,7 @@ def build_model(cfg: ModelConfig, vocab_size: int, seq_len: int, bos_id: int | N
     std = getattr(hf, "initializer_range", 0.02)
     group = cfg.int8_group_size if cfg.int8_weights else None
     if cfg.init_device == "meta":
+        mat.unmap_large_allocations()  # freed transients must leave the resident set (see there)
         with mat.parameters_on_meta():
             model = AutoModelForCausalLM.from_config(hf)
         values = mat.SafetensorsCheckpoint(weights) if weights else mat.SeededInit(seed, std)

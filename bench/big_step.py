@@ -157,7 +157,13 @@ def computed(shape: str, optim: str, rank: int) -> dict:
     def state8(numel):  # 8-bit moments (fp32 below min_8bit_size)
         return 2 * numel + 8 * math.ceil(numel / 256) + 4 if numel >= 4096 else 8 * numel
 
+    def layer_matrix(name, s):
+        return len(s) == 2 and "layers." in name
+
     weights = 2 * n_params
+    if optim == "qgalore_adamw8bit":  # INT8 codes + an fp32 scale per 256 for the decoder's matrices
+        weights = sum(math.prod(s) * (1 + 4 / 256) if layer_matrix(n, s) else 2 * math.prod(s)
+                      for n, s in shapes.items())
     if optim == "adamw":
         state, grad = 4 * n_params, 2 * n_params  # bf16 moments; the whole bf16 gradient
     elif optim == "adamw8bit":
@@ -165,14 +171,16 @@ def computed(shape: str, optim: str, rank: int) -> dict:
         grad = max(2 * math.prod(s) for s in shapes.values())
     else:
         state, grad = 0, 0
+        int8 = optim == "qgalore_adamw8bit"
         for name, s in shapes.items():
-            matrix = len(s) == 2 and "layers." in name
-            if matrix:
+            if layer_matrix(name, s):
                 m, n = max(s), min(s)
-                state += state8(m * rank) + 4 * rank * n  # low-rank moments + fp32 projector
+                # low-rank moments + projector (fp32, or INT4 with a scale and min per 128)
+                state += state8(m * rank) + (rank * n * (0.5 + 8 / 128) if int8 else 4 * rank * n)
+                grad = max(grad, (4 if int8 else 2) * math.prod(s))  # INT8 weights: fp32 gradient
             else:
                 state += state8(math.prod(s))
-            grad = max(grad, 2 * math.prod(s))
+                grad = max(grad, 2 * math.prod(s))
     return dict(shape=shape, optim=optim, rank=rank, params=n_params, weights=weights, state=state, grad=grad,
                 computed=True)
 

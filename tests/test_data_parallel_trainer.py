@@ -38,7 +38,7 @@ JOBS = {
     "lisa_z2": {"optim.name": "lisa", "optim.args": "{n_active: 1, interval: 3}", "dist.zero_stage": 2},
     "mezo": {"optim.name": "mezo", "optim.lr": 1e-4, "optim.args": "{eps: 0.001}"},
     "qgalore_z0": {"optim.name": "qgalore_adamw8bit", "optim.args": "{rank: 8, update_proj_gap: 3}"},
-    "galore_layerwise": {"optim.name": "galore_adamw", "train.grad_accum": 2,
+    "galore_layerwise": {"optim.name": "galore_adamw", "train.grad_accum": 2, "train.max_grad_norm": 0,
                          "optim.args": "{rank: 8, update_proj_gap: 3, layerwise: true, accumulation_steps: 2}"},
 }
 

@@ -121,7 +121,7 @@ class FederatedSimulation:
         device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
         torch.manual_seed(fc.seed)  # the initial global model depends on the seed only
         self.model = build_model(cfg.model, self.tokenizer.vocab_size, cfg.data.seq_len,
-                                 self.tokenizer.bos_token_id, self.tokenizer.eos_token_id).to(device)
+                                 self.tokenizer.bos_token_id, self.tokenizer.eos_token_id, seed=fc.seed).to(device)
         try:
             self.runner = ClientRunner(self.model, self.data.train, self.client_blocks, optim_name=cfg.optim.name,
                                        optim_kwargs=optimizer_kwargs(cfg.optim), batch_size=fc.batch_size,

@@ -245,12 +245,44 @@ def adamw8bit_update(
 
 
 # ---------------------------------------------------------------------------- stochastic rounding
+SR_CHUNK = 1 << 20  # elements per call of the PyTorch twins of the rounding kernels
+
+
+def _compiled_twin(name: str, x: Tensor, backend: str | None):
+    """The ``torch.compile``d twin ``name`` for full chunks of a large CPU tensor, or None.
+
+    The eager twin spends ~75 ns per element on its int64 hash; compiled into one loop it is
+    memory-bound. Same operations, so the same bits; one compile per process (fixed chunk
+    shape, seed and offset passed as tensors so they never recompile). Explicit "torch" keeps
+    the eager twin.
+    """
+    if x.is_cuda or requested(backend) not in ("auto", "compile", "cpp") or x.numel() < SR_CHUNK // 4:
+        return None
+    key = f"sr_{name}"
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.compile(getattr(ref, name), dynamic=False)
+    return _COMPILED[key]
+
+
 def stochastic_round_bf16(x: Tensor, seed: int, *, backend: str | None = None) -> Tensor:
     """fp32 -> bf16 with stochastic rounding (unbiased: ``E[out] = x``); ``seed`` picks the draw."""
     be = resolve(x, backend)
     seed = int(seed) & 0x7FFFFFFF
     if be != "triton":
-        return ref.stochastic_round_bf16(x, seed)
+        if x.numel() <= SR_CHUNK and _compiled_twin("stochastic_round_bf16", x, backend) is None:
+            return ref.stochastic_round_bf16(x, seed)
+        # The twin's hash works in int64 (~40 bytes per element of transients): chunked, a
+        # large weight's rounding costs a few MiB; the result is the same element for element.
+        flat, out = x.reshape(-1), torch.empty(x.numel(), dtype=torch.bfloat16, device=x.device)
+        fast = _compiled_twin("stochastic_round_bf16", x, backend)
+        for s in range(0, flat.numel(), SR_CHUNK):
+            chunk = flat[s:s + SR_CHUNK]
+            if fast is not None:  # the tail padded to a full chunk (element-wise: the pad is dropped)
+                full = torch.nn.functional.pad(chunk.float(), (0, SR_CHUNK - chunk.numel()))
+                out[s:s + SR_CHUNK] = fast(full, torch.tensor(seed), torch.tensor(s))[:chunk.numel()]
+            else:
+                out[s:s + SR_CHUNK] = ref.stochastic_round_bf16(chunk, seed, start=s)
+        return out.view(x.shape)
     x = x.contiguous().float()
     out = torch.empty(x.shape, dtype=torch.int16, device=x.device)
     _launch("stochastic_round_bf16", x, out, x.numel(), seed, numel=x.numel(), group=1, cuda=x.is_cuda)
@@ -264,7 +296,24 @@ def quantize_int8_sr(x: Tensor, group_size: int = DEFAULT_BLOCK, seed: int = 0, 
     _check_block(group_size, be)
     seed = int(seed) & 0x7FFFFFFF
     if be != "triton":
-        return ref.quantize_int8_sr(x, group_size, seed)
+        chunk = max(group_size, SR_CHUNK // group_size * group_size)
+        if x.numel() <= chunk and _compiled_twin("quantize_int8_sr", x, backend) is None:
+            return ref.quantize_int8_sr(x, group_size, seed)
+        flat = x.reshape(-1)
+        codes = torch.empty(x.numel(), dtype=torch.int8, device=x.device)
+        scales = torch.empty(n_blocks(x.numel(), group_size), dtype=torch.float32, device=x.device)
+        fast = _compiled_twin("quantize_int8_sr", x, backend)
+        for s in range(0, flat.numel(), chunk):  # whole groups per chunk: same result as one call
+            part = flat[s:s + chunk]
+            if fast is not None:  # the tail padded with zero groups, which are dropped
+                full = torch.nn.functional.pad(part.float(), (0, chunk - part.numel()))
+                c, sc = fast(full, group_size, torch.tensor(seed), torch.tensor(s))
+                c, sc = c[:part.numel()], sc[:n_blocks(part.numel(), group_size)]
+            else:
+                c, sc = ref.quantize_int8_sr(part, group_size, seed, start=s)
+            codes[s:s + chunk] = c
+            scales[s // group_size:s // group_size + sc.numel()] = sc
+        return codes.view(x.shape), scales
     x = x.contiguous()
     n, ng = x.numel(), n_blocks(x.numel(), group_size)
     codes = torch.empty(x.shape, dtype=torch.int8, device=x.device)

@@ -175,14 +175,15 @@ def adamw8bit_step(
 
 
 # ---------------------------------------------------------------------------- stochastic rounding
-def stochastic_round_bf16(x: Tensor, seed: int) -> Tensor:
+def stochastic_round_bf16(x: Tensor, seed: int, start: int = 0) -> Tensor:
     """fp32 -> bf16, rounding up with probability equal to the dropped fraction (unbiased).
 
     Adds 16 random bits below the kept mantissa and truncates; non-finite inputs convert as
-    usual (NaN -> canonical quiet NaN).
+    usual (NaN -> canonical quiet NaN). ``start``: the flat index of ``x[0]`` in the tensor it
+    is a chunk of (the random stream is indexed by element, so chunks give the whole's result).
     """
     flat = x.reshape(-1).float()
-    idx = torch.arange(flat.numel(), device=x.device)
+    idx = torch.arange(flat.numel(), device=x.device) + start
     bits = flat.view(torch.int32).to(torch.int64) & _MASK32
     rounded = ((bits + (hash32(seed, idx) & 0xFFFF)) & _MASK32) >> 16
     plain = bits >> 16
@@ -192,24 +193,26 @@ def stochastic_round_bf16(x: Tensor, seed: int) -> Tensor:
     return upper.view(torch.bfloat16).view(x.shape)
 
 
-def quantize_int8_sr(x: Tensor, group: int, seed: int) -> tuple[Tensor, Tensor]:
+def quantize_int8_sr(x: Tensor, group: int, seed: int, start: int = 0) -> tuple[Tensor, Tensor]:
     """fp32 -> (int8 codes shaped like ``x``, fp32 scale per group), symmetric, stochastic.
 
     ``scale = absmax / 127``; ``q = clamp(floor(x / scale + U), -127, 127)`` with ``U ~ U[0,1)``,
-    so ``E[q * scale] = x``. A group of zeros gets scale 0 and codes 0.
+    so ``E[q * scale] = x``. A group of zeros gets scale 0 and codes 0. ``start`` (a multiple
+    of ``group``): the flat index of ``x[0]`` when ``x`` is a chunk of a larger tensor.
     """
     n = x.numel()
     xb = group_view(x.float(), group)
     scale = xb.abs().amax(dim=1) / 127.0
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    u = group_view(uniform01(seed, torch.arange(n, device=x.device)), group)
+    u = group_view(uniform01(seed, torch.arange(n, device=x.device) + start), group)
     q = torch.floor(xb / safe[:, None] + u).clamp(-127.0, 127.0)
     return q.to(torch.int8).reshape(-1)[:n].view(x.shape), scale
 
 
 def dequantize_int8(codes: Tensor, scales: Tensor, group: int) -> Tensor:
     cb = group_view(codes, group)
-    return (cb.float() * scales[:, None]).reshape(-1)[: codes.numel()].view(codes.shape)
+    # in place: one fp32 copy of the weight in flight, not two
+    return cb.float().mul_(scales[:, None]).reshape(-1)[: codes.numel()].view(codes.shape)
 
 
 # ---------------------------------------------------------------------------- INT4

@@ -21,6 +21,8 @@ from torch.optim.adamw import adamw as _torch_adamw
 
 from .. import kernels
 from ..kernels import Blockwise8bit
+from . import bf16_weights
+from .layerwise import LayerwiseUpdates
 
 # State names of the 8-bit moments: m as signed, v as unsigned Blockwise8bit, stored as
 # "exp_avg_codes", "exp_avg_absmax", "exp_avg_sq_codes", "exp_avg_sq_absmax" (plain tensors:
@@ -107,7 +109,7 @@ def _adamw32(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1, be
             p.copy_(work)
 
 
-class AdamW8bit(Optimizer):
+class AdamW8bit(LayerwiseUpdates, Optimizer):
     """AdamW whose two moments are stored as block-wise 8-bit dynamic-map codes.
 
     Algorithm: Dettmers et al., *8-bit Optimizers via Block-wise Quantization* (ICLR 2022):
@@ -132,9 +134,24 @@ class AdamW8bit(Optimizer):
     Gradient elements that are inf/NaN are skipped rather than poisoning their block; the
     running count per tensor is ``optimizer.state[p]["nonfinite_skipped"]`` and the total is
     :meth:`nonfinite_skipped`.
+
+    slimtrain additions (keyword-only, off by default): ``layerwise=True`` updates each tensor
+    inside backward and frees its gradient there (:class:`~slimtrain.optim.layerwise.LayerwiseUpdates`,
+    with ``accumulation_steps``); ``max_grad_norm`` clips each tensor's gradient to that norm
+    (per tensor, the same in both modes: a global norm needs the whole gradient);
+    ``stochastic_rounding=True`` computes the update of bf16 parameters in fp32 and writes it back
+    with stochastic rounding (:mod:`~slimtrain.optim.bf16_weights`), so bf16 weights need no
+    fp32 master copy.
     """
 
-    spec = OptimizerSpec()  # whole-tensor state, backprop: nothing beyond a plain optimizer
+    @classmethod
+    def spec_for(cls, layerwise: bool = False) -> OptimizerSpec:
+        # whole-tensor state; the layer-wise mode is LayerwiseUpdates'
+        return OptimizerSpec(layerwise_capable=True, layerwise=bool(layerwise))
+
+    @property
+    def spec(self) -> OptimizerSpec:
+        return self.spec_for(self.layerwise)
 
     def __init__(
         self,
@@ -153,8 +170,14 @@ class AdamW8bit(Optimizer):
         *,
         block_size: int = kernels.DEFAULT_BLOCK,
         backend: str | None = None,
+        layerwise: bool = False,
+        accumulation_steps: int = 1,
+        max_grad_norm: float | None = None,
+        stochastic_rounding: bool = False,
     ):
         check_adam_args(lr, betas, eps, weight_decay)
+        if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0):
+            raise ValueError(f"max_grad_norm={max_grad_norm!r} must be a positive number or None (no clipping)")
         # bitsandbytes-signature arguments whose other values select features this class does
         # not implement: refuse them instead of silently ignoring them.
         unsupported = {"amsgrad": (amsgrad, False), "optim_bits": (optim_bits, 8), "args": (args, None),
@@ -165,10 +188,21 @@ class AdamW8bit(Optimizer):
                 raise ValueError(f"{name}={value!r} is not supported by slimtrain's AdamW8bit (only {default!r})")
         check_8bit_args(min_8bit_size, block_size, backend, kernels.BACKENDS)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, min_8bit_size=min_8bit_size,
-                        block_size=block_size)
+                        block_size=block_size, max_grad_norm=max_grad_norm, stochastic_rounding=stochastic_rounding)
         super().__init__(params, defaults)
         check_params_supported(self)
         self.backend = backend
+        self._setup_layerwise(layerwise, accumulation_steps)
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        if getattr(self, "layerwise", False):
+            self._register_layerwise_hooks(self.param_groups[-1]["params"])
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        if self.layerwise:
+            return  # gradients are consumed by the hooks; clearing here would drop an accumulation
+        super().zero_grad(set_to_none=set_to_none)
 
     def state_dict(self) -> dict:
         return mark(super().state_dict(), self)
@@ -186,14 +220,54 @@ class AdamW8bit(Optimizer):
             if p.grad.is_sparse:
                 raise RuntimeError("AdamW8bit does not support sparse gradients")
             state = self.state[p]
-            if "step" not in state:
-                state["step"] = torch.tensor(0.0)
-                if p.numel() >= group["min_8bit_size"]:
-                    init_8bit_moments(state, p, group["block_size"])
-                else:
-                    state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
-            (quant if has_8bit_moments(state) else full).append(p)
+            self._init_state(p, group)
+            (quant if has_8bit_moments(self.state[p]) else full).append(p)
+
+    def _init_state(self, p: Tensor, group: dict) -> None:
+        state = self.state[p]
+        if "step" not in state:
+            state["step"] = torch.tensor(0.0)
+            if p.numel() >= group["min_8bit_size"]:
+                init_8bit_moments(state, p, group["block_size"])
+            else:
+                state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+
+    @staticmethod
+    def _clip(grad: Tensor, max_norm: float | None) -> Tensor:
+        if max_norm is None:
+            return grad
+        norm = torch.linalg.vector_norm(grad.float())
+        return grad * (max_norm / (norm + 1e-6)).clamp(max=1.0).to(grad.dtype)
+
+    def _update_one(self, p: Tensor, group: dict) -> None:
+        """One tensor's step (what ``step`` does for it): the layer-wise hooks' update."""
+        if p.grad.is_sparse:
+            raise RuntimeError("AdamW8bit does not support sparse gradients")
+        self._init_state(p, group)
+        state = self.state[p]
+        grad = self._clip(p.grad, group.get("max_grad_norm"))
+        beta1, beta2 = group["betas"]
+        hyper = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
+        rounded = bf16_weights.wants_rounding(p, group.get("stochastic_rounding", False))
+        if has_8bit_moments(state):
+            m, v = load_8bit_moments(state, group["block_size"])
+            codes = [m.codes, m.absmax, v.codes, v.absmax, state[SKIPPED]]
+            if rounded:
+                state["step"] += 1
+                seed = bf16_weights.rounding_seed(0, self._param_index(p), int(state["step"]))
+                bf16_weights.adamw8bit_bf16_(p, grad, *codes, seed=seed, block_size=group["block_size"],
+                                             backend=self.backend,
+                                             **adam8bit_coefficients(**hyper, step=float(state["step"])))
+            else:
+                adamw8bit([p], [grad], [m], [v], [state[SKIPPED]], [state["step"]], backend=self.backend, **hyper)
+        elif rounded:
+            work = p.float()
+            _adamw32([work], [grad], [state["exp_avg"]], [state["exp_avg_sq"]], [state["step"]], **hyper)
+            bf16_weights.write_rounded_(p, work, bf16_weights.rounding_seed(0, self._param_index(p),
+                                                                            int(state["step"])))
+        else:
+            _adamw32([p], [grad], [state["exp_avg"]], [state["exp_avg_sq"]], [state["step"]], **hyper)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None):
@@ -201,7 +275,15 @@ class AdamW8bit(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self.layerwise:
+            self._flush_layerwise()
+            return loss
         for group in self.param_groups:
+            if group.get("max_grad_norm") is not None or group.get("stochastic_rounding", False):
+                for p in group["params"]:  # the per-tensor path the layer-wise hooks take
+                    if p.grad is not None:
+                        self._update_one(p, group)
+                continue
             quant: list[Tensor] = []
             full: list[Tensor] = []
             self._init_group(group, quant, full)

@@ -15,6 +15,7 @@ from torch import Tensor
 from .validation import check_adam_args, check_8bit_args
 from .. import kernels
 from . import projector as proj
+from . import bf16_weights
 from .adamw8bit import SKIPPED, has_8bit_moments, init_8bit_moments, load_8bit_moments
 from .galore_adamw import galore_adamw
 from .galore_base import GaLoreOptimizerBase
@@ -79,6 +80,12 @@ def galore_adamw8bit(
             param.add_(param, alpha=-lr * weight_decay)
 
 
+def _codes(state: dict, block_size: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The 8-bit moments' (codes, absmax) tensors, m then v, as the fused kernel takes them."""
+    m, v = load_8bit_moments(state, block_size)
+    return m.codes, m.absmax, v.codes, v.absmax
+
+
 class GaLoreAdamW8bit(GaLoreOptimizerBase):
     """GaLore AdamW whose (low-rank) moments are block-wise 8-bit codes.
 
@@ -93,6 +100,9 @@ class GaLoreAdamW8bit(GaLoreOptimizerBase):
     an fp32 projector of ``4 r n`` bytes, against GaLoreAdamW's ``8 m r + 4 r n``. Tensors
     with fewer moment elements than ``min_8bit_size`` keep fp32 moments (GaLoreAdamW's step).
     Non-GaLore tensors take the 8-bit AdamW step (2.03 bytes per parameter when large).
+
+    ``stochastic_rounding=True`` (slimtrain): bf16 parameters are updated in fp32 and written back
+    with stochastic rounding (:mod:`~slimtrain.optim.bf16_weights`), so they need no fp32 master.
 
     Drop-in for ``galore_torch.GaLoreAdamW8bit`` (same defaults and group keys) and, unlike
     it, runs on CPU (the C++ step of :mod:`slimtrain.kernels.cpu_fused` by default, bit-identical
@@ -113,12 +123,13 @@ class GaLoreAdamW8bit(GaLoreOptimizerBase):
         backend: str | None = None,
         layerwise: bool = False,
         accumulation_steps: int = 1,
+        stochastic_rounding: bool = False,
     ):
         check_adam_args(lr, betas, eps, weight_decay)
         check_8bit_args(min_8bit_size, block_size, backend, kernels.BACKENDS)
         self.backend = backend
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias,
-                        min_8bit_size=min_8bit_size, block_size=block_size)
+                        min_8bit_size=min_8bit_size, block_size=block_size, stochastic_rounding=stochastic_rounding)
         super().__init__(params, defaults, layerwise=layerwise, accumulation_steps=accumulation_steps)
 
     def _projectors(self, state: dict, group: dict) -> tuple[Tensor | None, Tensor | None]:
@@ -140,6 +151,27 @@ class GaLoreAdamW8bit(GaLoreOptimizerBase):
         beta1, beta2 = group["betas"]
         hyper = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
                      correct_bias=group["correct_bias"], scale=group["scale"] if "rank" in group else 1.0)
+        if not bf16_weights.wants_rounding(p, group.get("stochastic_rounding", False)):
+            self._step_tensor(p, low_grad, state, group, left, right, hyper)
+            return
+        seed = bf16_weights.rounding_seed(group.get("proj_seed", 0), self._param_index(p), int(state["step"]) + 1)
+        if has_8bit_moments(state) and left is None and right is None:
+            # element-wise tensors (embeddings, head): fp32 one chunk at a time
+            state["step"] += 1
+            step = float(state["step"])
+            bc1 = 1.0 - beta1**step if hyper["correct_bias"] else 1.0
+            sqrt_bc2 = math.sqrt(1.0 - beta2**step) if hyper["correct_bias"] else 1.0
+            bf16_weights.adamw8bit_bf16_(
+                p, low_grad, *_codes(state, group["block_size"]), state[SKIPPED], seed=seed,
+                block_size=group["block_size"], backend=self.backend, step_size=group["lr"] / bc1, beta1=beta1,
+                beta2=beta2, inv_sqrt_bc2=1.0 / sqrt_bc2, eps=group["eps"] / sqrt_bc2, decay=1.0,
+                post_decay=1.0 - group["lr"] * group["weight_decay"])
+            return
+        work = p.float()  # one matrix in fp32 (its back-projected update is that size anyway)
+        self._step_tensor(work, low_grad, state, group, left, right, hyper)
+        bf16_weights.write_rounded_(p, work, seed)
+
+    def _step_tensor(self, p, low_grad, state, group, left, right, hyper) -> None:
         if has_8bit_moments(state):
             m, v = load_8bit_moments(state, group["block_size"])
             galore_adamw8bit([p], [low_grad.float()], [m], [v], [state[SKIPPED]], [state["step"]], [left], [right],

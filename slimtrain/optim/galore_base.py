@@ -350,6 +350,13 @@ class GaLoreOptimizerBase(Optimizer):
             if p.requires_grad:
                 self._hooks.append(p.register_post_accumulate_grad_hook(self._layerwise_hook))
 
+    def _grad(self, p: Tensor) -> Tensor | None:
+        """Where backward left ``p``'s gradient (``p.grad``; INT8 weights override this)."""
+        return p.grad
+
+    def _set_grad(self, p: Tensor, value: Tensor | None) -> None:
+        p.grad = value
+
     @torch.no_grad()
     def _layerwise_hook(self, p: Tensor) -> None:
         """Runs right after ``p.grad`` was accumulated by backward.
@@ -372,12 +379,12 @@ class GaLoreOptimizerBase(Optimizer):
         )
         if lowrank_accumulate:
             self._check_shape(p, group)
-            low = proj.project(p.grad, state.get("proj_left"), state.get("proj_right"))
+            low = proj.project(self._grad(p), state.get("proj_left"), state.get("proj_right"))
             if "grad_acc" in state:
                 state["grad_acc"].add_(low)
             else:
                 state["grad_acc"] = low
-            p.grad = None
+            self._set_grad(p, None)
         if count == self.accumulation_steps:
             self._layerwise_update(p, group)
 
@@ -387,12 +394,12 @@ class GaLoreOptimizerBase(Optimizer):
         acc = state.pop("grad_acc", None)
         if self.grad_reducer is not None:
             has_projector = "proj_left" in state or "proj_right" in state
-            if "rank" in group and has_projector and not self._needs_refresh(state, group) and p.grad is not None:
+            if "rank" in group and has_projector and not self._needs_refresh(state, group) and self._grad(p) is not None:
                 # project before communicating: r x n travels instead of m x n
-                low = proj.project(p.grad, state.get("proj_left"), state.get("proj_right"))
+                low = proj.project(self._grad(p), state.get("proj_left"), state.get("proj_right"))
                 acc = low if acc is None else acc + low
-                p.grad = None
-            for t in (acc, p.grad):
+                self._set_grad(p, None)
+            for t in (acc, self._grad(p)):
                 if t is not None:
                     self.grad_reducer(t)
         if not all(bool(torch.isfinite(t).all()) for t in (acc, p.grad) if t is not None):
@@ -402,12 +409,12 @@ class GaLoreOptimizerBase(Optimizer):
             p.grad = None
             return
         if acc is not None:
-            if p.grad is not None:  # mixed: an earlier micro-batch was full-rank
-                acc = acc + proj.project(p.grad, state.get("proj_left"), state.get("proj_right"))
+            if self._grad(p) is not None:  # mixed: an earlier micro-batch was full-rank
+                acc = acc + proj.project(self._grad(p), state.get("proj_left"), state.get("proj_right"))
             self._update(p, self._precondition(p, acc, group), state, group)
-        elif p.grad is not None:
-            self._apply(p, p.grad, group)
-        p.grad = None
+        elif self._grad(p) is not None:
+            self._apply(p, self._grad(p), group)
+        self._set_grad(p, None)
 
     def _flush_layerwise(self) -> None:
         # Tensors whose hooks fired fewer than accumulation_steps times (unused in some

@@ -22,6 +22,9 @@ from .spec import OptimizerSpec
 # buffer, so they travel in model.state_dict()), its group size, and the fp32 gradient that
 # backward leaves for the optimizer (int8 tensors cannot hold a .grad).
 SCALES_ATTR, GROUP_ATTR, GRAD_ATTR = "quant_scales", "quant_group_size", "float_grad"
+# A layer-wise optimizer's hook for an INT8 weight: called by backward right after it
+# accumulated ``float_grad`` (what a post-accumulate-grad hook is for a ``requires_grad`` tensor).
+HOOK_ATTR = "float_grad_hook"
 
 
 class _QuantLinearFn(torch.autograd.Function):
@@ -40,12 +43,28 @@ class _QuantLinearFn(torch.autograd.Function):
         codes = ctx.codes
         weight = kernels.dequantize_int8(codes, scales, ctx.group_size).to(grad_out.dtype)
         grad_x = grad_out @ weight
+        del weight  # the dequantized copy is not needed for dL/dW (nor by the update the hook may run)
         go = grad_out.reshape(-1, grad_out.shape[-1])  # (tokens, out)
         grad_w = (go.T @ x.reshape(-1, x.shape[-1])).float()  # (out, in)
         previous = getattr(codes, GRAD_ATTR, None)
         setattr(codes, GRAD_ATTR, grad_w if previous is None else previous.add_(grad_w))
         grad_b = go.sum(0) if ctx.has_bias else None
+        hook = getattr(codes, HOOK_ATTR, None)
+        if hook is not None:  # layer-wise: update this weight now and free its gradient
+            hook(codes)
         return grad_x, None, None, grad_b, None
+
+
+def quantize_rtn(weight: Tensor, group_size: int = 256) -> tuple[Tensor, Tensor]:
+    """Dense ``weight`` -> (INT8 codes shaped like it, fp32 scale per ``group_size`` values),
+    symmetric, round to nearest: how a weight enters INT8 storage (training updates then
+    re-quantize stochastically)."""
+    w = weight.float()
+    groups = kernels.group_view(w, group_size)
+    scales = groups.abs().amax(1) / 127.0
+    safe = torch.where(scales > 0, scales, torch.ones_like(scales))
+    codes = torch.round(groups / safe[:, None]).clamp(-127, 127).to(torch.int8).reshape(-1)[: w.numel()]
+    return codes.view(w.shape), scales
 
 
 class QuantLinear(nn.Module):
@@ -59,16 +78,24 @@ class QuantLinear(nn.Module):
     def __init__(self, linear: nn.Linear, group_size: int = 256):
         super().__init__()
         self.in_features, self.out_features, self.group_size = linear.in_features, linear.out_features, group_size
-        w = linear.weight.detach().float()
-        groups = kernels.group_view(w, group_size)  # (n_groups, group_size)
-        scales = groups.abs().amax(1) / 127.0
-        safe = torch.where(scales > 0, scales, torch.ones_like(scales))
-        # Round to nearest once at conversion; training updates re-quantize stochastically.
-        codes = torch.round(groups / safe[:, None]).clamp(-127, 127).to(torch.int8).reshape(-1)[: w.numel()]
-        self.weight = nn.Parameter(codes.view(w.shape).to(linear.weight.device), requires_grad=False)
+        codes, scales = quantize_rtn(linear.weight.detach(), group_size)
+        self.weight = nn.Parameter(codes.to(linear.weight.device), requires_grad=False)
         self.register_buffer("weight_scales", scales.to(linear.weight.device))
         self.bias = linear.bias
         self._tag()
+
+    @classmethod
+    def from_codes(cls, codes: Tensor, scales: Tensor, bias: nn.Parameter | None, group_size: int) -> "QuantLinear":
+        """A QuantLinear around INT8 ``codes`` (out, in) and their group ``scales`` (no dense copy)."""
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.out_features, self.in_features = codes.shape
+        self.group_size = group_size
+        self.weight = nn.Parameter(codes, requires_grad=False)
+        self.register_buffer("weight_scales", scales)
+        self.bias = bias
+        self._tag()
+        return self
 
     def _tag(self) -> None:
         setattr(self.weight, SCALES_ATTR, self.weight_scales)
@@ -130,6 +157,17 @@ def _grad_of(p: Tensor) -> Tensor | None:
     return p.grad if p.grad is not None else getattr(p, GRAD_ATTR, None)
 
 
+class _AttrHook:
+    """Removable handle of a hook stored on an INT8 weight (see ``HOOK_ATTR``)."""
+
+    def __init__(self, p: Tensor):
+        self.p = p
+
+    def remove(self) -> None:
+        if hasattr(self.p, HOOK_ATTR):
+            delattr(self.p, HOOK_ATTR)
+
+
 class QGaLoreAdamW8bit(GaLoreAdamW8bit):
     """GaLoreAdamW8bit for INT8 weights, with INT4 projectors and adaptive projector refresh.
 
@@ -155,16 +193,21 @@ class QGaLoreAdamW8bit(GaLoreAdamW8bit):
     ``requires_grad`` parameter, so DDP does not see them; :meth:`external_grads` lists them and
     the engine averages them (slimtrain's :class:`~slimtrain.parallel.DataParallelOptimizer`
     does; with your own DDP, average them yourself before :meth:`step`). The optimizer itself
-    never communicates. Layer-wise mode is not supported (the INT8 weight gradient is not a
-    ``.grad`` that hooks see), and state is not sharded (stage 0 only).
+    never communicates. State is not sharded (stage 0 only).
+
+    Layer-wise mode (``layerwise=True``): every tensor is updated inside backward and its
+    gradient freed there -- INT8 weights from :class:`QuantLinear`'s backward (which calls the
+    hook it finds on the weight), the others from their post-accumulate-grad hooks -- so the
+    model's whole gradient never exists. ``stochastic_rounding=True`` also rounds the bf16
+    tensors (embeddings, head, norms) stochastically (INT8 weights always are).
     """
 
     REPLICATED_STATE = ("proj_", "step", "next_refresh", "sim_")
 
     @classmethod
     def spec_for(cls, layerwise: bool = False) -> OptimizerSpec:
-        return OptimizerSpec(whole_matrices=True, sharding="none", rewrites_model=True, external_grads=True,
-                             replicated_state=cls.REPLICATED_STATE)
+        return OptimizerSpec(layerwise_capable=True, layerwise=bool(layerwise), whole_matrices=True, sharding="none",
+                             rewrites_model=True, external_grads=True, replicated_state=cls.REPLICATED_STATE)
 
     def __init__(
         self,
@@ -183,6 +226,9 @@ class QGaLoreAdamW8bit(GaLoreAdamW8bit):
         proj_group_size: int = 128,
         block_size: int = kernels.DEFAULT_BLOCK,
         backend: str | None = None,
+        layerwise: bool = False,
+        accumulation_steps: int = 1,
+        stochastic_rounding: bool = False,
     ):
         if not 0.0 <= cos_threshold <= 1.0:
             raise ValueError(f"cos_threshold={cos_threshold!r} must lie in [0, 1]")
@@ -197,7 +243,27 @@ class QGaLoreAdamW8bit(GaLoreAdamW8bit):
         self._qgalore = dict(cos_threshold=cos_threshold, queue_size=queue_size, gap_growth=gap_growth,
                              max_proj_gap=max_proj_gap, proj_group_size=proj_group_size)
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias,
-                         min_8bit_size=min_8bit_size, block_size=block_size, backend=backend)
+                         min_8bit_size=min_8bit_size, block_size=block_size, backend=backend, layerwise=layerwise,
+                         accumulation_steps=accumulation_steps, stochastic_rounding=stochastic_rounding)
+
+    # ------------------------------------------------------------------ layer-wise hooks
+    def _grad(self, p: Tensor) -> Tensor | None:
+        return getattr(p, GRAD_ATTR, None) if p.dtype == torch.int8 else p.grad
+
+    def _set_grad(self, p: Tensor, value: Tensor | None) -> None:
+        if p.dtype == torch.int8:
+            setattr(p, GRAD_ATTR, value)
+        else:
+            p.grad = value
+
+    def _register_layerwise_hooks(self, params=None) -> None:
+        params = params if params is not None else [p for g in self.param_groups for p in g["params"]]
+        dense = [p for p in params if p.dtype != torch.int8]
+        super()._register_layerwise_hooks(dense)
+        for p in params:
+            if p.dtype == torch.int8:
+                setattr(p, HOOK_ATTR, self._layerwise_hook)
+                self._hooks.append(_AttrHook(p))
 
     def add_param_group(self, param_group: dict) -> None:
         if "rank" in param_group:
@@ -295,12 +361,13 @@ class QGaLoreAdamW8bit(GaLoreAdamW8bit):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None):
-        if self.layerwise:
-            raise ValueError("QGaLoreAdamW8bit does not support layerwise=True")
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self.layerwise:
+            self._flush_layerwise()
+            return loss
         for group in self.param_groups:
             for p in group["params"]:
                 grad = _grad_of(p)
@@ -312,6 +379,8 @@ class QGaLoreAdamW8bit(GaLoreAdamW8bit):
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        if self.layerwise:
+            return  # the hooks consume (and free) every gradient
         super().zero_grad(set_to_none=set_to_none)
         for group in self.param_groups:
             for p in group["params"]:

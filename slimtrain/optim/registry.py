@@ -26,7 +26,7 @@ from .galore_adamw8bit import GaLoreAdamW8bit
 from .lisa import LISA
 from .mezo import MeZO, SparseMeZO, zo_param_groups
 from .param_groups import ALL_LINEAR, galore_param_groups, matching_module_names
-from .qgalore import QGaLoreAdamW8bit, qgalore_param_groups, quantize_weights
+from .qgalore import QGaLoreAdamW8bit, QuantLinear, qgalore_param_groups, quantize_weights
 from .spec import PLAIN, OptimizerSpec
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
@@ -99,7 +99,8 @@ def _zeroth_order(cls) -> OptimizerFactory:
     return build
 
 
-def _galore_spec(cls) -> SpecRule:
+def _layerwise_spec(cls) -> SpecRule:
+    """The spec of ``cls`` built with ``kwargs``: layer-wise when it offers the mode and is asked to."""
     return lambda kwargs: cls.spec_for(layerwise=kwargs.get("layerwise", False))
 
 
@@ -133,23 +134,24 @@ def _qgalore(model: nn.Module, weight_bits: int = 8, weight_group_size: int = 25
         chosen = set(matching_module_names(model, target))
         exclude = tuple(exclude) + tuple(n for n, m in model.named_modules()
                                          if type(m) is nn.Linear and n not in chosen)
-    quantize_weights(model, bits=weight_bits, group_size=weight_group_size, exclude=exclude)
+    if not any(isinstance(m, QuantLinear) for m in model.modules()):  # else built INT8 already (model.int8_weights)
+        quantize_weights(model, bits=weight_bits, group_size=weight_group_size, exclude=exclude)
     return QGaLoreAdamW8bit(qgalore_param_groups(model, **galore), **rest)
 
 
 OPTIMIZERS: dict[str, Entry] = {
     "adamw": Entry(_plain(torch.optim.AdamW)),
-    "galore_adamw": Entry(_galore_factory(GaLoreAdamW), _galore_spec(GaLoreAdamW)),
-    "natural_galore_adamw": Entry(_natural_galore_adamw, _galore_spec(GaLoreAdamW)),
-    "galore_adafactor": Entry(_galore_factory(GaLoreAdafactor), _galore_spec(GaLoreAdafactor)),
-    "adamw8bit": Entry(_plain(AdamW8bit), AdamW8bit.spec),
-    "galore_adamw8bit": Entry(_galore_factory(GaLoreAdamW8bit), _galore_spec(GaLoreAdamW8bit)),
+    "galore_adamw": Entry(_galore_factory(GaLoreAdamW), _layerwise_spec(GaLoreAdamW)),
+    "natural_galore_adamw": Entry(_natural_galore_adamw, _layerwise_spec(GaLoreAdamW)),
+    "galore_adafactor": Entry(_galore_factory(GaLoreAdafactor), _layerwise_spec(GaLoreAdafactor)),
+    "adamw8bit": Entry(_plain(AdamW8bit), _layerwise_spec(AdamW8bit)),
+    "galore_adamw8bit": Entry(_galore_factory(GaLoreAdamW8bit), _layerwise_spec(GaLoreAdamW8bit)),
     "apollo_adamw": Entry(_apollo_factory(APOLLOAdamW, rank=256, scale=1.0, scale_type="channel"), APOLLOAdamW.spec),
     "apollo_mini": Entry(_apollo_factory(APOLLOMini, rank=1, scale=128.0, scale_type="tensor"), APOLLOMini.spec),
     "apollo_adamw8bit": Entry(_apollo_factory(APOLLOAdamW8bit, rank=256, scale=1.0, scale_type="channel"),
                               APOLLOAdamW8bit.spec),
     "fira_adamw": Entry(_galore_factory(FiraAdamW), FiraAdamW.spec_for()),
-    "qgalore_adamw8bit": Entry(_qgalore, QGaLoreAdamW8bit.spec_for()),
+    "qgalore_adamw8bit": Entry(_qgalore, _layerwise_spec(QGaLoreAdamW8bit)),
     "mezo": Entry(_zeroth_order(MeZO), MeZO.spec),
     "sparse_mezo": Entry(_zeroth_order(SparseMeZO), SparseMeZO.spec),
     "lisa": Entry(_lisa, _lisa_spec),

@@ -69,11 +69,20 @@ class ModelConfig:
                     choices=("float32", "bfloat16"))
     activation_checkpointing: bool = setting(False, "recompute decoder layers in backward (less memory, ~30% slower)")
     max_position_embeddings: int = setting(0, "override the preset's context length (0: max(preset, data.seq_len))")
+    init_device: str = setting("cpu", "cpu: build the model eagerly (in fp32, then cast); meta: build it on the meta "
+                          "device and fill it tensor by tensor straight into model.dtype / INT8 (seeded per "
+                          "tensor, or read lazily from the directory's safetensors), never holding fp32 weights",
+                          choices=("cpu", "meta"))
+    int8_weights: bool = setting(False, "store every linear layer but lm_head as INT8 codes + group scales "
+                            "(QuantLinear, for optim.name=qgalore_adamw8bit), made while building")
+    int8_group_size: int = setting(256, "values per fp32 scale of the INT8 weights (a power of two)")
     gguf_file: str = setting("", "a GGUF file inside the model.name directory (e.g. SmolLM2-135M-Instruct.Q4_1.gguf): "
                         "weights are dequantized to model.dtype by transformers, the tokenizer comes from it too")
 
     def __post_init__(self):
         require(bool(self.name), "model.name", self.name, "give a preset name or a model directory")
+        g = self.int8_group_size
+        require(g >= 2 and g & (g - 1) == 0, "model.int8_group_size", g, "must be a power of two >= 2 (e.g. 256)")
         require(self.max_position_embeddings >= 0, "model.max_position_embeddings", self.max_position_embeddings,
                "must be >= 0")
 

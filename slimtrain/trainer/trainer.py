@@ -30,6 +30,7 @@ from ..run.config import TRAIN_RESUME_SCHEDULE, Config, ConfigError, check_resum
 from ..run.data import BlockOrder, build_tokenizer
 from ..run.export import export_model
 from ..run.guard import DivergenceGuard
+from ..run.layerwise import check_layerwise_config
 from ..run.metrics import MetricsWriter, peak_memory_mb
 from ..run.resume import rescale_lr
 from ..run.rundir import claim_output_dir
@@ -88,6 +89,7 @@ class Trainer:
         # before anything is read, deleted or written there
         self.run_lock = claim_output_dir(cfg.output_dir, resuming=bool(resume), overwrite=self.overwrite,
                                          command="train", rank=self.rank)
+        check_layerwise_config(cfg)  # before anything is built: what a layer-wise run cannot have
         seed_everything(cfg.train.seed)
         self.ckpt_root = os.path.join(cfg.output_dir, "checkpoints")
 
@@ -97,7 +99,8 @@ class Trainer:
 
         torch.manual_seed(cfg.train.seed)  # model init depends on the seed only, not on data loading
         self.model = build_model(cfg.model, self.tokenizer.vocab_size, cfg.data.seq_len,
-                                 self.tokenizer.bos_token_id, self.tokenizer.eos_token_id).to(self.device)
+                                 self.tokenizer.bos_token_id, self.tokenizer.eos_token_id, seed=cfg.train.seed,
+                                 progress=cfg.train.progress and self.rank == 0).to(self.device)
         self.optimizer = build_run_optimizer(cfg, self.model)
         self.spec = optimizer_spec(cfg.optim.name, **optimizer_kwargs(cfg.optim))
         check_combination(cfg, self.spec, self._say)

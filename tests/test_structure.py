@@ -97,8 +97,10 @@ def test_registry_spec_is_what_the_built_optimizer_declares(name, layerwise):
         kwargs.update(rank=4, update_proj_gap=5, layerwise=layerwise)
     if name == "galore_adafactor":
         kwargs.update(relative_step=False)
+    elif layerwise and name in ("adamw8bit", "qgalore_adamw8bit"):
+        kwargs.update(layerwise=True)
     elif layerwise:
-        pytest.skip("only the GaLore family offers the layer-wise mode")
+        pytest.skip("only the GaLore family, AdamW8bit and Q-GaLore offer the layer-wise mode")
     if name == "qgalore_adamw8bit":
         kwargs.update(rank=4, weight_group_size=64)
     if name in ("apollo_adamw", "apollo_adamw8bit", "fira_adamw"):
@@ -117,7 +119,9 @@ def test_spec_fields_say_what_the_engines_need():
     assert not spec("galore_adamw8bit").split_step  # its 8-bit moments have no direction/apply split
     assert spec("galore_adamw", layerwise=True).layerwise
     q = spec("qgalore_adamw8bit")
-    assert q.rewrites_model and q.sharding == "none" and q.external_grads and not q.layerwise_capable
+    assert q.rewrites_model and q.sharding == "none" and q.external_grads and q.layerwise_capable and not q.layerwise
+    assert spec("adamw8bit", layerwise=True).layerwise and spec("qgalore_adamw8bit", layerwise=True).layerwise
+    assert not spec("apollo_adamw").layerwise_capable and not spec("fira_adamw").layerwise_capable
     # LISA inherits its inner optimizer's needs, never the layer-wise mode
     lisa = spec("lisa", inner="galore_adamw", rank=4)
     assert lisa.whole_matrices and lisa.lowrank_grads and not lisa.layerwise_capable

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from . import reference as ref
-from .dispatch import resolve, resolve_step
+from .dispatch import requested, resolve, resolve_step
 from .maps import code_lut, quant_tables
 
 DEFAULT_BLOCK = 256

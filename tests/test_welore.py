@@ -133,3 +133,53 @@ def test_bad_target_reduction_names_the_range(bad):
 def test_unreachable_target_is_explained():
     with pytest.raises(ValueError, match="out of reach"):
         welore_compress(_pretrained_like(), 0.999)
+
+
+def test_training_the_factors_resumes_bit_exactly_from_a_weights_only_checkpoint(tmp_path):
+    """5 straight steps == 2 steps + save / torch.load(weights_only=True) / load + 3 steps, exactly."""
+    def fresh():
+        model = _pretrained_like()
+        welore_compress(model, 0.4)
+        return model, torch.optim.AdamW(welore_param_groups(model), lr=1e-2)
+
+    batches = text_batches(5)
+    straight, opt = fresh()
+    for x in batches:
+        straight(input_ids=x, labels=x).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    first, opt = fresh()
+    for x in batches[:2]:
+        first(input_ids=x, labels=x).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    torch.save({"model": first.state_dict(), "optim": opt.state_dict()}, tmp_path / "ckpt.pt")
+    saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    resumed, opt = fresh()
+    resumed.load_state_dict(saved["model"])
+    opt.load_state_dict(saved["optim"])
+    for x in batches[2:]:
+        resumed(input_ids=x, labels=x).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    for (n, a), (_, b) in zip(straight.named_parameters(), resumed.named_parameters()):
+        assert torch.equal(a, b), n
+
+
+def test_export_writes_back_dense_weights(tmp_path):
+    """slimtrain's export of a WeLore model is an ordinary Hugging Face Llama with W = A @ B."""
+    from transformers import AutoModelForCausalLM
+
+    from slimtrain.run.export import export_model
+
+    model = _pretrained_like()
+    welore_compress(model, 0.4)
+    x = text_batches(1)[0]
+    with torch.no_grad():
+        want = model(input_ids=x).logits
+    export_model(model, str(tmp_path / "hf"))
+    assert any(isinstance(m, LowRankLinear) for m in model.modules())  # the model itself is untouched
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    with torch.no_grad():
+        got = loaded(input_ids=x).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)  # float32 reassociation of x B^T A^T

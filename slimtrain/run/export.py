@@ -22,6 +22,7 @@ from torch import nn
 
 from .. import kernels
 from ..optim.qgalore import QuantLinear
+from ..optim.welore import LowRankLinear, welore_merge
 from .model import DTYPES
 
 
@@ -61,6 +62,9 @@ def export_model(model: nn.Module, out: str, tokenizer=None, dtype: str = "float
 
     if rank != 0:
         return out
+    if state is None and any(isinstance(m, LowRankLinear) for m in model.modules()):
+        # WeLore factors are written back as the dense weights A @ B (the model itself keeps them)
+        model = welore_merge(copy.deepcopy(model))
     tensors = plain_state_dict(state=state) if state is not None else plain_state_dict(model)
     config = copy.deepcopy(model.config)
     if hasattr(config, "quantization_config"):  # loaded from GGUF: the weights are plain tensors by now

@@ -117,12 +117,20 @@ _RSS_SCRIPT = textwrap.dedent("""
     def rss():
         return int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
 
+    def peak_rss():  # VmHWM: the peak since the last reset below
+        line = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+        return int(line.split()[1]) * 1024
+
     build_model(ModelConfig(name="llama-20m", init_device="meta", dtype="bfloat16"), 257, 32, None, 256)  # warm-up
-    for device in ("meta", "cpu"):  # meta first: ru_maxrss only grows, and the eager peak is the higher one
+    for device in ("meta", "cpu"):
         gc.collect()
+        # reset the peak to the current RSS (Linux clear_refs "5"), so an earlier spike (imports,
+        # warm-up) cannot be counted as this build's
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
         before = rss()
         model = build_model(ModelConfig(name="llama-60m", init_device=device, dtype="bfloat16"), 257, 32, None, 256)
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        peak = peak_rss()
         final = sum(p.numel() * p.element_size() for p in model.parameters())
         largest = max(p.numel() for p in model.parameters()) * 4
         print(peak - before, final, largest)

@@ -196,17 +196,28 @@ class TopKCompressor(Compressor):
             acc = (d.float() + residual[name] if name in residual else d.float().clone()).contiguous()
             flat = acc.reshape(-1)
             k = max(1, math.ceil(self.fraction * flat.numel()))
-            idx = torch.topk(flat.abs(), k, sorted=False).indices
-            idx_dtype = torch.int32 if flat.numel() <= torch.iinfo(torch.int32).max else torch.int64
-            payload[_key(name, "values")] = flat[idx].clone()
-            payload[_key(name, "indices")] = idx.to(idx_dtype)
+            idx = self._select(flat, k)
+            sent = self._encode(name, flat, idx, payload)
             payload[_key(name, "shape")] = torch.tensor(d.shape, dtype=torch.int64)
             if self.error_feedback:
-                flat[idx] = 0  # what was not sent is kept for the next round
+                flat[idx] -= sent  # what the server will not see is kept for the next round
                 new_residual[name] = acc
         if self.error_feedback:
             self._residuals[client_id] = new_residual
         return payload
+
+    @staticmethod
+    def _select(flat: Tensor, k: int) -> Tensor:
+        """Indices of the ``k`` largest-magnitude entries."""
+        return torch.topk(flat.abs(), k, sorted=False).indices
+
+    def _encode(self, name: str, flat: Tensor, idx: Tensor, payload: dict[str, Tensor]) -> Tensor:
+        """Write entries ``idx`` of ``flat`` into ``payload``; return what the server will
+        reconstruct there (error feedback keeps the difference)."""
+        idx_dtype = torch.int32 if flat.numel() <= torch.iinfo(torch.int32).max else torch.int64
+        payload[_key(name, "values")] = flat[idx].clone()
+        payload[_key(name, "indices")] = idx.to(idx_dtype)
+        return payload[_key(name, "values")]
 
     def decompress(self, payload: dict[str, Tensor]) -> Params:
         out: Params = {}
@@ -309,38 +320,28 @@ class TernaryCompressor(TopKCompressor):
             raise ValueError(f"alpha={alpha!r} must be > 0 (ComPEFT's multiplier of the std, e.g. 1.0)")
         self.scale, self.alpha = scale, float(alpha)
 
-    def compress(self, client_id: int, delta: Params, context: dict | None = None) -> dict[str, Tensor]:
-        residual = self._residuals.get(client_id, {})
-        new_residual: Params = {}
-        payload: dict[str, Tensor] = {}
-        for name, d in delta.items():
-            acc = (d.float() + residual[name] if name in residual else d.float().clone()).contiguous()
-            flat = acc.reshape(-1)
-            d_numel = flat.numel()
-            k = max(1, math.ceil(self.fraction * d_numel))
-            idx = torch.topk(flat.abs(), k, sorted=False).indices.sort().values
-            kept = flat[idx]
-            if self.scale == "mean":
-                scale = kept.abs().mean()
-            else:
-                scale = self.alpha * (flat.std() if d_numel > 1 else flat.abs()[0])
-            negative = kept < 0
-            if 4 * k + math.ceil(k / 8) < math.ceil(d_numel / 4):
-                idx_dtype = torch.int32 if d_numel <= torch.iinfo(torch.int32).max else torch.int64
-                payload[_key(name, "indices")] = idx.to(idx_dtype)
-                payload[_key(name, "signs")] = _pack_bits(negative, 1)
-            else:
-                codes = torch.zeros(d_numel, dtype=torch.uint8, device=flat.device)
-                codes[idx] = 1 + negative.to(torch.uint8)  # 1: +scale, 2: -scale
-                payload[_key(name, "codes")] = _pack_bits(codes, 2)
-            payload[_key(name, "scale")] = scale.reshape(1).float()
-            payload[_key(name, "shape")] = torch.tensor(d.shape, dtype=torch.int64)
-            if self.error_feedback:
-                flat[idx] -= torch.where(negative, -scale, scale)  # what the server will not see
-                new_residual[name] = acc
-        if self.error_feedback:
-            self._residuals[client_id] = new_residual
-        return payload
+    @staticmethod
+    def _select(flat: Tensor, k: int) -> Tensor:
+        return torch.topk(flat.abs(), k, sorted=False).indices.sort().values  # sorted: the sparse encoding
+
+    def _encode(self, name: str, flat: Tensor, idx: Tensor, payload: dict[str, Tensor]) -> Tensor:
+        d_numel, k = flat.numel(), idx.numel()
+        kept = flat[idx]
+        if self.scale == "mean":
+            scale = kept.abs().mean()
+        else:
+            scale = self.alpha * (flat.std() if d_numel > 1 else flat.abs()[0])
+        negative = kept < 0
+        if 4 * k + math.ceil(k / 8) < math.ceil(d_numel / 4):
+            idx_dtype = torch.int32 if d_numel <= torch.iinfo(torch.int32).max else torch.int64
+            payload[_key(name, "indices")] = idx.to(idx_dtype)
+            payload[_key(name, "signs")] = _pack_bits(negative, 1)
+        else:
+            codes = torch.zeros(d_numel, dtype=torch.uint8, device=flat.device)
+            codes[idx] = 1 + negative.to(torch.uint8)  # 1: +scale, 2: -scale
+            payload[_key(name, "codes")] = _pack_bits(codes, 2)
+        payload[_key(name, "scale")] = scale.reshape(1).float()
+        return torch.where(negative, -scale, scale)
 
     def decompress(self, payload: dict[str, Tensor]) -> Params:
         out: Params = {}

@@ -45,6 +45,10 @@ TASKS = {
     # MeZO's SST-2 prompt: "<sentence> It was" -> " great" / " terrible"
     "sst2": dict(train="glue_sst2_train.tsv", dev="glue_sst2_dev.tsv", template="{sentence} It was",
                  words={0: " terrible", 1: " great"}, seq_len=64),
+    # The same data with a prompt SmolLM2-135M-Instruct already answers zero-shot (0.77 on the first
+    # 300 dev rows, against 0.52 = chance with MeZO's prompt): "Review: <sentence>\nSentiment:"
+    "sst2_review": dict(train="glue_sst2_train.tsv", dev="glue_sst2_dev.tsv", template="Review: {sentence}\nSentiment:",
+                        words={0: " negative", 1: " positive"}, seq_len=64),
     # MeZO's RTE prompt: "<premise>\nDoes this mean that "<hypothesis>" is true? Yes or No?" -> Yes / No
     "rte": dict(train="glue_rte_train.tsv", dev="glue_rte_dev.tsv",
                 template='{sentence1}\nDoes this mean that "{sentence2}" is true? Yes or No?',

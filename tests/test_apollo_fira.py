@@ -14,6 +14,7 @@ from slimtrain.optim import (APOLLOAdamW, APOLLOAdamW8bit, APOLLOMini, APOLLOMin
                              apollo_param_groups, galore_param_groups)
 from slimtrain.optim.apollo import next_projection_seed, random_projection
 from slimtrain.optim.registry import build_optimizer
+from slimtrain.optim.spec import spec_of
 
 
 def _apollo_groups(model, rank=8, gap=3):
@@ -189,11 +190,11 @@ def test_registry_builds(name):
     opt = build_optimizer(name, model, lr=1e-2, update_proj_gap=5, **kwargs)
     losses = _train(model, opt, text_batches(6))
     assert losses[-1] < losses[0]
-    assert getattr(opt, "shape_dependent", False) or name == "fira_adamw"
+    assert spec_of(opt).whole_matrices
 
 
 def test_fira_is_not_synced_as_projected_gradients():
-    from slimtrain.optim.spec import lowrank_step_of, spec_of
+    from slimtrain.optim.spec import lowrank_step_of
 
     model = tiny_llama()
     opt = FiraAdamW(_fira_groups(model))

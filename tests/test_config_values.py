@@ -64,3 +64,15 @@ def test_cli_bad_values_are_one_line_exit_2(tmp_path):
                         ({"data.files": f"[{tmp_path / 'num.jsonl'}]"}, "num.jsonl")):
         result = run_cli(tiny_overrides(tmp_path, str(tmp_path / "o"), **extra), cwd=str(tmp_path))
         assert result.returncode == 2 and word in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_a_string_key_takes_text_that_yaml_would_read_as_a_mapping():
+    # A prompt template with ": " is a YAML mapping; the key is declared a string, so the text
+    # is taken as typed. Quoted YAML and plain text still give the same string.
+    cfg = load_config(None, ["data.template=Review: {sentence}\nSentiment:"])
+    assert cfg.data.template == "Review: {sentence}\nSentiment:"
+    assert load_config(None, ["data.template='{sentence} It was'"]).data.template == "{sentence} It was"
+    assert load_config(None, ["data.template={sentence} It was"]).data.template == "{sentence} It was"
+    # a non-string key still reads YAML, and a bad value is still named
+    with pytest.raises(ConfigError, match="train.steps"):
+        load_config(None, ["train.steps=a: b"])

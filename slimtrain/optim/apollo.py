@@ -174,9 +174,6 @@ class APOLLOAdamW(Optimizer):
     # the full gradient, so gradients travel whole; state is per tensor and shards by tensors.
     spec = OptimizerSpec(whole_matrices=True)
 
-    # needs each weight as a whole matrix (not flat ZeRO partitions); see slimtrain.trainer
-    shape_dependent = True
-
     def __init__(
         self,
         params,

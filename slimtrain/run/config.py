@@ -364,6 +364,10 @@ def apply_override(data: dict, assignment: str, root=Config) -> None:
             raise ConfigError(f"{'.'.join(parts[: i + 1])}={child!r}: expected a mapping of keys "
                               f"(e.g. {parts[i]}: {{{parts[i + 1]}: ...}}), so {key}= cannot be applied to it")
         node = child
+    if cls is not None and _hints(cls).get(parts[-1]) is str and not isinstance(value, str):
+        # A string key takes the text as typed when YAML reads something else: a prompt template
+        # such as 'Review: {sentence}' must not become a mapping (quoted YAML still works).
+        value = raw
     node[parts[-1]] = value
 
 

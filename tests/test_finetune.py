@@ -10,6 +10,7 @@ import json
 import math
 import os
 import pathlib
+import shutil
 
 import pytest
 import torch
@@ -227,6 +228,15 @@ def test_cli_export_of_a_checkpoint_and_eval_of_both(root, tmp_path, capsys):
     cli = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert cli == from_ckpt
     assert main(["eval", "--checkpoint", ckpt, "data.label_words={0: ' terrible film', 1: ' great'}"]) == 2
+    # a checkpoint whose weights no longer match its manifest is refused, not exported
+    bad = tmp_path / "bad"
+    shutil.copytree(ckpt, bad)
+    with open(bad / "model.pt", "r+b") as fh:
+        fh.seek(-64, os.SEEK_END)
+        fh.write(b"\x00" * 16)
+    capsys.readouterr()
+    assert main(["export", str(bad), str(tmp_path / "hf_bad")]) == 2
+    assert "fails verification" in capsys.readouterr().err and not (tmp_path / "hf_bad").exists()
 
 
 # ---------------------------------------------------------------------------- tied weights, targets

@@ -9,7 +9,8 @@ model, the directory holds plain floating-point weights:
 - tied embeddings stay tied (one tensor in the file; ``tie_word_embeddings`` in the config);
 - a plain module's ``state_dict`` is complete under slimtrain's own optimizer-state sharding
   (``dist.zero_stage`` 1/2 shard optimizer state only). DeepSpeed ZeRO-3 partitions the
-  parameters themselves; its exports go through the engine (not implemented here: refused).
+  parameters themselves: the trainer exports inside ``Engine.full_weights()`` (gathered), and a
+  DeepSpeed checkpoint is consolidated by ``slimtrain.run.scoring`` with DeepSpeed's zero_to_fp32.
 """
 
 from __future__ import annotations

@@ -26,23 +26,35 @@ def config_of_checkpoint(path: str, overrides: list[str] = ()) -> Config:
     if not os.path.isfile(os.path.join(path, "trainer.pt")):
         raise ConfigError(f"{path!r} is not a slimtrain checkpoint directory (no trainer.pt); give "
                           "<output_dir>/checkpoints/step_N")
+    if os.path.isfile(os.path.join(path, ckpt.MANIFEST)):  # older checkpoints have none
+        problem = ckpt.verify_checkpoint(path)
+        if problem:
+            raise ConfigError(f"checkpoint {path!r} fails verification: {problem}; use an earlier "
+                              "checkpoint of the run")
     data = ckpt.load_file(path, "trainer.pt")["config"]
     for assignment in overrides:
         apply_override(data, assignment)
     return from_dict(data)
 
 
+def _checkpoint_weights(checkpoint: str) -> dict:
+    """The model tensors of a slimtrain checkpoint; a DeepSpeed ZeRO checkpoint (its ``deepspeed/``
+    partitions, no ``model.pt``) is consolidated by DeepSpeed's own ``zero_to_fp32``."""
+    if not os.path.isdir(os.path.join(checkpoint, "deepspeed")):
+        return ckpt.load_file(checkpoint, "model.pt")
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(os.path.join(checkpoint, "deepspeed"), tag="state")
+
+
 def load_model(cfg: Config, checkpoint: str | None = None):
     """(model, tokenizer): ``cfg``'s model, with a checkpoint's weights when one is given."""
-    if checkpoint and os.path.isdir(os.path.join(checkpoint, "deepspeed")):
-        raise ConfigError(f"{checkpoint!r} was saved by DeepSpeed ZeRO (partitioned); export needs the "
-                          "consolidated weights (DeepSpeed's zero_to_fp32.py), not implemented here")
     tokenizer = build_tokenizer(cfg.data, cfg.model)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, tokenizer.vocab_size, cfg.data.seq_len, tokenizer.bos_token_id,
                         tokenizer.eos_token_id)
     if checkpoint:
-        state = plain_state_dict(state=ckpt.load_file(checkpoint, "model.pt"))
+        state = plain_state_dict(state=_checkpoint_weights(checkpoint))
         model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in state.items()})
     model.eval()
     return model, tokenizer

@@ -24,6 +24,7 @@ never branches on the engine.
 from __future__ import annotations
 
 import abc
+import contextlib
 import json
 import math
 import os
@@ -123,6 +124,11 @@ class Engine(abc.ABC):
     def discard(self) -> None:
         """Drop this step's gradients without updating (a skipped step)."""
         self.optimizer.zero_grad(set_to_none=True)
+
+    def full_weights(self):
+        """A context in which ``self.model``'s parameters are whole on every rank (entered by every
+        rank: it may communicate). Only DeepSpeed ZeRO-3 partitions parameters."""
+        return contextlib.nullcontext()
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint_parts(self) -> dict:
@@ -259,6 +265,14 @@ class DeepSpeedEngine(Engine):
             self.engine.step()
         norm = self.engine.get_global_grad_norm()
         return (float(norm) if norm is not None else float("nan")), True
+
+    def full_weights(self):
+        if self.engine.zero_optimization_partition_weights():
+            import deepspeed
+
+            # gathers every partition for the duration (read-only: modifier_rank=None)
+            return deepspeed.zero.GatheredParameters(list(self.model.parameters()), modifier_rank=None)
+        return super().full_weights()
 
     def checkpoint_parts(self) -> dict:
         if not self.partitioned:

@@ -252,7 +252,8 @@ class Trainer:
             train_time = time.perf_counter() - start
             metrics = self._evaluate_and_log(writer, say=False)
             if cfg.export.dir:  # a Hugging Face directory of the final weights
-                export_model(self.model, cfg.export.dir, self.tokenizer, dtype=cfg.export.dtype, rank=self.rank)
+                with self.engine.full_weights():
+                    export_model(self.model, cfg.export.dir, self.tokenizer, dtype=cfg.export.dtype, rank=self.rank)
         finally:
             bar.close()
             if writer:

@@ -73,6 +73,19 @@ def test_torchrun_two_ranks_zero2_galore_matches_one_rank(workdir, reference):
 
 @pytest.mark.slow
 @pytest.mark.distributed
+def test_torchrun_ddp_galore_matches_one_rank(workdir, reference):
+    # torch's DistributedDataParallel with slimtrain's low-rank comm hook
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                "--master_port", str(free_port()), "-m"]
+    args = tiny_overrides(workdir, str(workdir / "ddp"), **{"optim.args": GALORE["optim.args"], "train.batch_size": 2})
+    result = run_cli(args + ["optim=galore_adamw", "engine=ddp"], str(workdir), launcher=launcher)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 rank(s), engine ddp (ddp)" in result.stdout + result.stderr
+    _assert_close(losses(str(workdir / "ddp")), reference)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_deepspeed_launcher_zero2_galore_matches_one_rank(workdir, reference):
     # `deepspeed` passes --local_rank=N ahead of our subcommand. With dist.engine=deepspeed and
     # ZeRO-2, GaLore cannot take the engine's flat partitions: slimtrain's sharding takes over.
@@ -159,7 +172,7 @@ def test_cli_config_errors_exit_2_with_the_key(capsys):
     err = capsys.readouterr().err
     assert "train.stepz" in err and "steps" in err
     assert main(["train", "dist.engine=horovod"]) == 2
-    assert "['torch', 'deepspeed']" in capsys.readouterr().err
+    assert "['torch', 'ddp', 'deepspeed']" in capsys.readouterr().err
 
 
 def test_cli_accepts_local_rank_before_or_after_subcommand(capsys, monkeypatch):

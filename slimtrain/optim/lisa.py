@@ -186,8 +186,8 @@ class LISA(Optimizer):
     @staticmethod
     def spec_over(inner: OptimizerSpec) -> OptimizerSpec:
         """LISA's spec over an inner optimizer with spec ``inner``: the inner optimizer's needs, but
-        never layer-wise (LISA steps after backward) and never zeroth-order (it needs gradients)."""
-        return inner.with_(layerwise_capable=False, layerwise=False)
+        never layer-wise (LISA steps after backward), and the trained tensors change each period."""
+        return inner.with_(layerwise_capable=False, layerwise=False, changes_trainable=True)
 
     @property
     def spec(self) -> OptimizerSpec:

@@ -61,6 +61,9 @@ class OptimizerSpec:
     external_grads: bool = False
     """Some gradients live outside ``.grad`` (Q-GaLore's INT8 weights): ``external_grads()`` lists
     them, and a data-parallel engine must average them before ``step()``."""
+    changes_trainable: bool = False
+    """Switches which tensors train from period to period (LISA toggles ``requires_grad``): an
+    engine that registers its gradient hooks once (DDP) cannot follow."""
     replicated_state: tuple[str, ...] = ()
     """State keys (prefixes) every rank keeps for a projected tensor it does not own: projector
     and refresh bookkeeping, so all ranks agree on refresh steps without talking."""

@@ -195,8 +195,10 @@ class TrainConfig:
 
 @dataclass
 class DistConfig:
-    engine: str = setting("torch", "torch: plain torch.distributed (gradients all-reduced after backward, like DDP); "
-                     "deepspeed: a DeepSpeed engine wraps model and optimizer", choices=("torch", "deepspeed"))
+    engine: str = setting("torch", "torch: slimtrain's data parallelism (gradients all-reduced after backward, "
+                     "optimizer state sharded by whole tensors at zero_stage 1/2); ddp: torch's "
+                     "DistributedDataParallel (GaLore matrices send projected gradients through its comm hook); "
+                     "deepspeed: a DeepSpeed engine wraps model and optimizer", choices=("torch", "ddp", "deepspeed"))
     zero_stage: int = setting(0, "optimizer-state sharding. engine=torch: slimtrain's whole-tensor sharding (1: state "
                          "sharded, gradients all-reduced; 2: gradients also reduced to the owner only), for every "
                          "optimizer. engine=deepspeed: DeepSpeed ZeRO for shape-independent optimizers (3 shards "

@@ -12,6 +12,11 @@ Engines (``choose_engine``):
   :class:`slimtrain.parallel.DataParallelOptimizer` averages gradients after the last
   micro-batch (projected for optimizers with ``lowrank_grads``), clips, and shards state by whole
   tensors at ``dist.zero_stage`` 1/2.
+- ``ddp`` (``dist.engine=ddp``, more than one rank): ``torch.nn.parallel.DistributedDataParallel``
+  averages gradients during backward, overlapping communication with compute; for optimizers
+  with ``lowrank_grads`` its communication hook
+  (:func:`slimtrain.parallel.ddp_hooks.lowrank_allreduce_hook`) sends GaLore matrices' projected
+  gradients. Optimizer state is replicated (``dist.zero_stage`` 0).
 - ``deepspeed`` (``dist.engine=deepspeed``): a DeepSpeed engine wraps model and optimizer. ZeRO
   flattens parameters into 1-D partitions, which an optimizer with ``whole_matrices`` cannot use,
   so at stages 1/2 those take ``data_parallel`` (DeepSpeed still launches and forms the process
@@ -31,8 +36,11 @@ import os
 
 import torch
 
-from ..optim.spec import OptimizerSpec
+from ..optim.spec import OptimizerSpec, lowrank_step_of
+from ..parallel.comm import Comm
 from ..parallel.data_parallel import DataParallelOptimizer
+from ..parallel.ddp_hooks import LowRankHookState, lowrank_allreduce_hook
+from ..parallel.lowrank_sync import broadcast_projector
 from ..run import checkpoint as ckpt
 from ..run.config import Config, ConfigError
 from ..run.guard import all_ranks_agree, grads_finite, local_grads_finite
@@ -47,6 +55,8 @@ def choose_engine(cfg: Config, spec: OptimizerSpec) -> str:
         return "layerwise"
     if cfg.dist.engine == "deepspeed" and not routes_around_zero(cfg, spec):
         return "deepspeed"
+    if cfg.dist.engine == "ddp":
+        return "ddp"
     return "data_parallel"
 
 
@@ -89,7 +99,22 @@ def check_combination(cfg: Config, spec: OptimizerSpec, say) -> None:
     if cfg.dist.engine == "deepspeed" and cfg.train.nan_policy == "skip" and not spec.zeroth_order:
         raise ConfigError("train.nan_policy='skip' with dist.engine='deepspeed': the engine applies every "
                           "accumulated step; use train.nan_policy=stop or dist.engine=torch")
-    if spec.layerwise and (cfg.dist.engine == "deepspeed" or stage > 0):
+    if cfg.dist.engine == "ddp" and not spec.zeroth_order and not spec.layerwise:
+        if stage > 0:
+            raise ConfigError(f"dist.engine='ddp' with dist.zero_stage={stage}: DDP replicates optimizer state; "
+                              f"use dist.engine=torch dist.zero_stage={stage} (slimtrain's whole-tensor sharding) "
+                              "or dist.engine=deepspeed for a shape-independent optimizer")
+        if spec.changes_trainable:
+            raise ConfigError(f"dist.engine='ddp' with optim.name={name!r}: it switches which layers train every "
+                              "period, and DDP registers its gradient hooks once; use dist.engine=torch "
+                              "(frozen layers send nothing there)")
+        if spec.external_grads:
+            raise ConfigError(f"dist.engine='ddp' with optim.name={name!r}: its INT8 weights' gradients live outside "
+                              "torch's parameters, where DDP does not reduce them; use dist.engine=torch")
+    if cfg.dist.engine == "ddp" and spec.zeroth_order:
+        say(f"note: {name} is zeroth-order (no backward): it runs on the plain model, one loss all-reduce per "
+            "evaluation; DDP has nothing to add")
+    if spec.layerwise and (cfg.dist.engine in ("deepspeed", "ddp") or stage > 0):
         raise ConfigError(f"optim.args.layerwise=True with dist.engine={cfg.dist.engine!r} "
                           f"dist.zero_stage={stage}: the layer-wise mode updates each weight inside "
                           "backward, right after averaging its gradient over ranks itself; use "
@@ -111,6 +136,9 @@ class Engine(abc.ABC):
 
     def begin_step(self) -> None:
         """Called before the step's first forward."""
+
+    def before_forward(self, last: bool) -> None:
+        """Called before each micro-batch's forward; ``last`` for the step's final micro-batch."""
 
     def backward(self, loss: torch.Tensor, grad_accum: int) -> None:
         (loss / grad_accum).backward()
@@ -236,6 +264,78 @@ class DataParallelEngine(Engine):
         self.dp.load_state_dict(shards)
 
 
+class DDPEngine(Engine):
+    """``DistributedDataParallel``: gradients are averaged inside backward (the last micro-batch's;
+    the others run with ``require_backward_grad_sync`` off, as ``no_sync()`` does), projected for
+    GaLore matrices by :func:`~slimtrain.parallel.ddp_hooks.lowrank_allreduce_hook`. After backward:
+    projector refreshes (computed on rank 0 from the averaged full gradient and broadcast, so every
+    rank holds the same projector), the finite check, clipping of what the optimizer will apply
+    (projected gradients for GaLore matrices, as ``dist.engine=torch``), and the step."""
+
+    name = "ddp"
+
+    def __init__(self, model, optimizer, spec, dist, lowrank_sync: bool):
+        super().__init__(model, optimizer, spec, dist)
+        from torch.nn.parallel import DistributedDataParallel
+
+        device_ids = [dist.device.index] if dist.device.type == "cuda" else None
+        self.ddp = DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True)
+        self.lowrank = lowrank_step_of(optimizer) if lowrank_sync else None
+        self.hook = LowRankHookState(self.lowrank) if self.lowrank is not None else None
+        if self.hook is not None:
+            self.ddp.register_comm_hook(self.hook, lowrank_allreduce_hook)
+        self.comm = Comm()
+
+    @property
+    def module(self):
+        return self.ddp
+
+    def before_forward(self, last: bool) -> None:
+        self.ddp.require_backward_grad_sync = last  # what no_sync() toggles: only the last micro-batch syncs
+
+    def _params(self) -> list[torch.Tensor]:
+        return [p for g in self.optimizer.param_groups for p in g["params"]]
+
+    @torch.no_grad()
+    def apply(self, max_grad_norm: float) -> tuple[float, bool]:
+        projected = self.hook.take() if self.hook is not None else {}
+        # every value here is already averaged over ranks, so every rank reaches the same verdict
+        ok = local_grads_finite(self._params()) and all(bool(torch.isfinite(t).all()) for t in projected.values())
+        if not all_ranks_agree(ok, self.dist.device):
+            self.discard()
+            return float("nan"), False
+        if self.lowrank is not None:
+            for p, group in self.lowrank.lowrank_params():
+                if p.grad is None or p in projected:
+                    continue
+                # a refresh step: the full gradient travelled; one rank computes the projector
+                if self.dist.rank == 0:
+                    self.lowrank.refresh_projector(p, p.grad, group)
+                broadcast_projector(self.lowrank, p, group, self.comm, src=0)
+                projected[p] = self.lowrank.project_grad(p, p.grad)
+            for p, low in projected.items():
+                self.lowrank.set_projected_grad(p, low)
+                p.grad = None
+        grads = [p.grad for p in self._params() if p.grad is not None] + list(projected.values())
+        norm = (torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+                if grads else torch.zeros(()))
+        if max_grad_norm > 0:
+            coef = (max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
+            for g in grads:
+                g.mul_(coef.to(g.dtype))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm), True
+
+    def discard(self) -> None:
+        if self.hook is not None:
+            self.hook.take()
+        if self.lowrank is not None:
+            for p, _ in self.lowrank.lowrank_params():
+                self.lowrank.drop_projected_grad(p)
+        super().discard()
+
+
 class DeepSpeedEngine(Engine):
     """A DeepSpeed engine: it scales for accumulation, all-reduces, clips and (ZeRO >= 1) partitions."""
 
@@ -315,7 +415,9 @@ def build_engine(cfg: Config, model, optimizer, spec: OptimizerSpec, dist: Distr
         return LayerwiseEngine(model, optimizer, spec, dist, cfg.train.grad_accum)
     if kind == "deepspeed":
         return DeepSpeedEngine(model, optimizer, spec, dist, cfg)
+    if kind == "ddp" and dist.world > 1:  # one rank: nothing to synchronise, the plain path is the same
+        return DDPEngine(model, optimizer, spec, dist, cfg.dist.lowrank_sync)
     return DataParallelEngine(model, optimizer, spec, dist, cfg.dist.zero_stage, cfg.dist.lowrank_sync)
 
 
-__all__ = ["Engine", "build_engine", "check_combination", "choose_engine", "deepspeed_config", "routes_around_zero"]
+__all__ = ["DDPEngine", "Engine", "build_engine", "check_combination", "choose_engine", "deepspeed_config", "routes_around_zero"]

@@ -35,7 +35,8 @@ def backprop_step(engine: Engine, micro_batches: Iterable, loss_of: LossFn, dist
     """Forward + backward over the micro-batches, then the engine's sync / clip / update."""
     total = torch.zeros((), device=dist.device)
     engine.begin_step()
-    for batch in micro_batches:
+    for i, batch in enumerate(micro_batches):
+        engine.before_forward(last=i == grad_accum - 1)
         loss = loss_of(engine.module, batch)
         engine.backward(loss, grad_accum)
         total += loss.detach() / grad_accum

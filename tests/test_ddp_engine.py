@@ -1,0 +1,136 @@
+"""``dist.engine=ddp``: torch's DistributedDataParallel with slimtrain's low-rank comm hook, real gloo ranks.
+
+2 ranks x batch 2 must follow one process x batch 4 (``dist.engine=torch``): loss within 1e-4
+nats per step and weights within 1e-4 (gradients are summed in another order, so not bit for
+bit; a data-sharding bug moves the curve by ~1e-2), with bit-identical weights on every rank.
+The hook's bytes are counted: a GaLore matrix sends its projected gradient except on the steps
+that refresh its projector.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from helpers import run_ranks
+from trainer_setup import losses, tiny_overrides
+
+TOL = 1e-4
+GAP = 3
+STEPS = 8
+GALORE_ARGS = f"{{rank: 8, update_proj_gap: {GAP}}}"
+
+JOBS = {
+    "adamw": {"optim.name": "adamw"},
+    "adamw8bit": {"optim.name": "adamw8bit"},
+    "galore": {"optim.name": "galore_adamw", "optim.args": GALORE_ARGS},
+    "galore8bit": {"optim.name": "galore_adamw8bit", "optim.args": GALORE_ARGS},
+    "galore_accum": {"optim.name": "galore_adamw", "optim.args": GALORE_ARGS, "train.grad_accum": 2},
+    "apollo": {"optim.name": "apollo_adamw", "optim.args": GALORE_ARGS},
+}
+
+
+def _run_jobs(rank, world, root, engine, jobs):
+    from slimtrain.run.config import load_config
+    from slimtrain.trainer.trainer import Trainer
+
+    out = {}
+    for name in jobs:
+        extra = dict(JOBS[name])
+        accum = int(extra.get("train.grad_accum", 1))
+        cfg = load_config(None, tiny_overrides(_path(root), os.path.join(root, f"{name}_{engine}_w{world}"), **{
+            "train.batch_size": 4 // world // accum, "dist.engine": engine, **extra}))
+        trainer = Trainer(cfg)
+        try:
+            trainer.train()
+            hook = getattr(trainer.engine, "hook", None)
+            low = getattr(trainer.engine, "lowrank", None)
+            sizes = None
+            if low is not None:  # (full, projected) numel of every projected matrix
+                sizes = [(p.numel(), low.project_grad(p, torch.zeros_like(p)).numel()) for p, _ in low.lowrank_params()]
+            out[name] = {
+                "engine": trainer.engine.name,
+                "losses": losses(cfg.output_dir) if rank == 0 else None,
+                "weights": torch.cat([p.detach().float().reshape(-1) for p in trainer.model.parameters()]),
+                "bytes": (hook.bytes, hook.projected_bytes) if hook is not None else None,
+                "sizes": sizes,
+                "numel": sum(p.numel() for p in trainer.model.parameters()),
+            }
+        finally:
+            trainer.close()
+    return out
+
+
+def _path(root):
+    import pathlib
+
+    return pathlib.Path(root)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ddp")
+    tiny_overrides(path, str(path / "unused"))  # the tiny model and text, written once before any rank runs
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def single(root):
+    return _run_jobs(0, 1, root, "torch", list(JOBS))
+
+
+@pytest.fixture(scope="module")
+def two(root):
+    return run_ranks(_run_jobs, 2, root, "ddp", list(JOBS))
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("name", list(JOBS))
+def test_ddp_two_ranks_match_one_process(name, single, two):
+    assert two[0][name]["engine"] == "ddp"
+    curve, ref = two[0][name]["losses"], single[name]["losses"]
+    assert len(curve) == len(ref) == STEPS and ref[-1] < ref[0]
+    assert max(abs(a - b) for a, b in zip(curve, ref)) < TOL, (curve, ref)
+    assert torch.equal(two[0][name]["weights"], two[1][name]["weights"]), "ranks hold different weights"
+    w = single[name]["weights"]
+    assert (two[0][name]["weights"] - w).abs().max() <= 1e-4 * max(1.0, w.abs().max())
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("name", ["galore", "galore8bit", "galore_accum"])
+def test_ddp_hook_sends_projected_gradients_between_refreshes(name, two):
+    sent, projected = two[0][name]["bytes"]
+    sizes, numel = two[0][name]["sizes"], two[0][name]["numel"]
+    refreshes = len(range(0, STEPS, GAP))  # steps 0, 3, 6 compute new projectors from full gradients
+    full_matrices = sum(full for full, _ in sizes)
+    # 4-byte gradients: every other tensor every step; projected matrices whole on refresh steps
+    # and projected (r x n) on the others
+    expect_projected = 4 * (STEPS - refreshes) * sum(low for _, low in sizes)
+    expect = 4 * STEPS * (numel - full_matrices) + 4 * refreshes * full_matrices + expect_projected
+    assert projected == expect_projected and sent == expect, (sent, expect, projected, expect_projected)
+    # against plain DDP (every gradient whole, every step)
+    assert sent < 0.75 * 4 * STEPS * numel
+
+
+def test_ddp_refuses_what_it_cannot_carry(root):
+    from slimtrain.run.config import ConfigError, load_config
+    from slimtrain.run.model import build_model  # noqa: F401  (the config is checked before any model)
+    from slimtrain.optim.registry import optimizer_spec
+    from slimtrain.trainer.engines import check_combination
+
+    def check(**extra):
+        cfg = load_config(None, tiny_overrides(_path(root), os.path.join(root, "x"), **{"dist.engine": "ddp", **extra}))
+        args = cfg.optim.args or {}
+        check_combination(cfg, optimizer_spec(cfg.optim.name, **args), say=lambda *_: None)
+
+    with pytest.raises(ConfigError, match="dist.engine=torch"):
+        check(**{"optim.name": "lisa"})
+    with pytest.raises(ConfigError, match="INT8"):
+        check(**{"optim.name": "qgalore_adamw8bit"})
+    with pytest.raises(ConfigError, match="zero_stage=2"):
+        check(**{"optim.name": "adamw", "dist.zero_stage": 2})
+    with pytest.raises(ConfigError, match="layer-wise"):
+        check(**{"optim.name": "galore_adamw", "optim.args": "{rank: 8, layerwise: true}"})
+    check(**{"optim.name": "galore_adamw"})  # accepted

@@ -1,5 +1,6 @@
 """Ternary (ComPEFT) uploads: decompression equals the dense formula, bytes equal the stated
-encoding, error feedback telescopes, and a simulation with ternary + DP trains."""
+encoding, error feedback telescopes, a simulation with ternary + DP trains, and a crashed ternary
+run resumes to the uninterrupted one's weights bit for bit (error-feedback residuals included)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 
 from slimtrain.federated import TernaryCompressor, build_compressor, global_norm
 from slimtrain.federated.server import FederatedSimulation
-from test_fed_simulation import assets, make_cfg  # noqa: F401  (the module-scoped fixture)
+from test_fed_simulation import SimulatedCrash, assets, make_cfg, params_equal  # noqa: F401  (the module-scoped fixture)
 
 
 def _raw_bytes(payload) -> int:
@@ -112,3 +113,30 @@ def test_simulation_with_ternary_and_dp_trains(assets, tmp_path):  # noqa: F811
     after = sim.evaluate()
     assert epsilons == sorted(epsilons) and epsilons[0] > 0  # DP accounted every round
     assert after < before - 0.05, (before, after)
+
+
+def test_crash_and_resume_with_ternary_uploads_equals_uninterrupted_run(assets, tmp_path):  # noqa: F811
+    # each client's error-feedback residual lives in its on-disk state: a resume must carry it
+    extra = {"federated.rounds": 4, "federated.compression": "ternary", "federated.compression_fraction": 0.1,
+             "federated.dp.noise_multiplier": 0.3, "federated.dp.clip_norm": 1.0, "optim.lr": 1e-2}
+    straight = FederatedSimulation(make_cfg(assets, tmp_path / "straight", **extra))
+    straight.run()
+
+    out = tmp_path / "crashed"
+    sim = FederatedSimulation(make_cfg(assets, out, **extra))
+    crash_round = 2
+    victim = sim._sample(crash_round)[1].tolist()[1]
+
+    def crash(r, cid):
+        if r == crash_round and cid == victim:
+            raise SimulatedCrash()
+        return None
+
+    sim.fault_fn = crash
+    with pytest.raises(SimulatedCrash):
+        sim.run()
+    resumed = FederatedSimulation(make_cfg(assets, out, **extra), resume=True)
+    assert resumed.round == crash_round
+    summary = resumed.run()
+    assert params_equal(resumed.global_params, straight.global_params)
+    assert summary["epsilon"] == pytest.approx(straight.epsilon, rel=1e-12)

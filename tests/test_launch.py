@@ -172,7 +172,7 @@ def test_cli_config_errors_exit_2_with_the_key(capsys):
     err = capsys.readouterr().err
     assert "train.stepz" in err and "steps" in err
     assert main(["train", "dist.engine=horovod"]) == 2
-    assert "['torch', 'ddp', 'deepspeed']" in capsys.readouterr().err
+    assert "['torch', 'ddp', 'fsdp', 'deepspeed']" in capsys.readouterr().err
 
 
 def test_cli_accepts_local_rank_before_or_after_subcommand(capsys, monkeypatch):

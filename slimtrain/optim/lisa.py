@@ -187,7 +187,7 @@ class LISA(Optimizer):
     def spec_over(inner: OptimizerSpec) -> OptimizerSpec:
         """LISA's spec over an inner optimizer with spec ``inner``: the inner optimizer's needs, but
         never layer-wise (LISA steps after backward), and the trained tensors change each period."""
-        return inner.with_(layerwise_capable=False, layerwise=False, changes_trainable=True)
+        return inner.with_(layerwise_capable=False, layerwise=False, changes_trainable=True, dtensor_params=False)
 
     @property
     def spec(self) -> OptimizerSpec:

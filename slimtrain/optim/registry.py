@@ -140,7 +140,8 @@ def _qgalore(model: nn.Module, weight_bits: int = 8, weight_group_size: int = 25
 
 
 OPTIMIZERS: dict[str, Entry] = {
-    "adamw": Entry(_plain(torch.optim.AdamW)),
+    # torch's AdamW declares nothing; its foreach step is carried by DTensor dispatch (FSDP2)
+    "adamw": Entry(_plain(torch.optim.AdamW), PLAIN.with_(dtensor_params=True)),
     "galore_adamw": Entry(_galore_factory(GaLoreAdamW), _layerwise_spec(GaLoreAdamW)),
     "natural_galore_adamw": Entry(_natural_galore_adamw, _layerwise_spec(GaLoreAdamW)),
     "galore_adafactor": Entry(_galore_factory(GaLoreAdafactor), _layerwise_spec(GaLoreAdafactor)),

@@ -61,6 +61,9 @@ class OptimizerSpec:
     external_grads: bool = False
     """Some gradients live outside ``.grad`` (Q-GaLore's INT8 weights): ``external_grads()`` lists
     them, and a data-parallel engine must average them before ``step()``."""
+    dtensor_params: bool = False
+    """Steps correctly on FSDP2's ``DTensor`` shards (element-wise math that torch's DTensor
+    dispatch carries, with state created from the shards), so ``dist.engine=fsdp`` can run it."""
     changes_trainable: bool = False
     """Switches which tensors train from period to period (LISA toggles ``requires_grad``): an
     engine that registers its gradient hooks once (DDP) cannot follow."""

@@ -198,7 +198,11 @@ class DistConfig:
     engine: str = setting("torch", "torch: slimtrain's data parallelism (gradients all-reduced after backward, "
                      "optimizer state sharded by whole tensors at zero_stage 1/2); ddp: torch's "
                      "DistributedDataParallel (GaLore matrices send projected gradients through its comm hook); "
-                     "deepspeed: a DeepSpeed engine wraps model and optimizer", choices=("torch", "ddp", "deepspeed"))
+                     "fsdp: FSDP2 (fully_shard per decoder layer: weights, gradients and state sharded; optimizers "
+                     "that declare dtensor_params); deepspeed: a DeepSpeed engine wraps model and optimizer",
+                          choices=("torch", "ddp", "fsdp", "deepspeed"))
+    fsdp_cpu_offload: bool = setting(False, "dist.engine=fsdp: keep the sharded parameters, gradients and optimizer "
+                                     "state in host memory (FSDP2's CPUOffloadPolicy)")
     zero_stage: int = setting(0, "optimizer-state sharding. engine=torch: slimtrain's whole-tensor sharding (1: state "
                          "sharded, gradients all-reduced; 2: gradients also reduced to the owner only), for every "
                          "optimizer. engine=deepspeed: DeepSpeed ZeRO for shape-independent optimizers (3 shards "
@@ -394,14 +398,14 @@ def load_config(path: str | None = None, overrides: list[str] | tuple = (), root
 
 # ---------------------------------------------------------------------------- resume
 # What a resumed `train` may change (applied for real and recorded in config.yaml): run length,
-# cadences, logging, stop policies, clipping, precision, and the distribution layout (the data
+# cadences, logging, stop policies, clipping, precision, export, and the distribution layout (the data
 # order continues; the trainer warns where the run stops being bit-identical). The schedule keys
 # need train.allow_lr_change. Everything else (model, data incl. seq_len, optimizer name / args /
 # weight decay, seed) defines the run and is refused.
 TRAIN_RESUME_MAY_CHANGE = ("output_dir", "train.steps", "train.eval_every", "train.log_every", "train.progress",
                            "train.nan_policy", "train.max_nan_skips", "train.divergence_margin", "train.max_grad_norm",
                            "train.bf16", "train.batch_size", "train.grad_accum", "train.allow_lr_change", "checkpoint",
-                           "dist", "model.activation_checkpointing")
+                           "dist", "model.activation_checkpointing", "export")
 TRAIN_RESUME_SCHEDULE = ("optim.lr", "train.warmup_steps", "train.min_lr_ratio")
 
 

@@ -55,6 +55,11 @@ class Distributed:
         dist.all_reduce(moved)
         return moved.to(t.device)
 
+    def barrier(self) -> None:
+        """Wait for every rank (e.g. until rank 0 has written an export, before any rank tears down)."""
+        if self.world > 1:
+            dist.barrier()
+
     def close(self) -> None:
         if self.owns_process_group and dist.is_initialized():
             dist.destroy_process_group()
@@ -87,8 +92,11 @@ def setup_distributed(engine: str) -> Distributed:
 
         owns = not dist.is_initialized()
         deepspeed.init_distributed(dist_backend=backend)
-    elif world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend)
+    elif (world > 1 or engine == "fsdp") and not dist.is_initialized():
+        if world == 1 and "MASTER_ADDR" not in env:  # FSDP2 needs a group even for one process started by hand
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        else:
+            dist.init_process_group(backend)
         owns = True
     if dist.is_initialized():
         world, rank = dist.get_world_size(), dist.get_rank()

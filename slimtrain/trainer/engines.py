@@ -17,6 +17,11 @@ Engines (``choose_engine``):
   with ``lowrank_grads`` its communication hook
   (:func:`slimtrain.parallel.ddp_hooks.lowrank_allreduce_hook`) sends GaLore matrices' projected
   gradients. Optimizer state is replicated (``dist.zero_stage`` 0).
+- ``fsdp`` (``dist.engine=fsdp``): FSDP2 ``fully_shard`` on each decoder layer and the root
+  (:func:`slimtrain.parallel.fsdp.shard_model`, applied before the optimizer is built): weights,
+  gradients and optimizer state are ``DTensor`` shards. Only optimizers whose spec declares
+  ``dtensor_params`` run there; checkpoints are full (unsharded) state dicts gathered with
+  ``torch.distributed.checkpoint.state_dict``, so they load at any world size.
 - ``deepspeed`` (``dist.engine=deepspeed``): a DeepSpeed engine wraps model and optimizer. ZeRO
   flattens parameters into 1-D partitions, which an optimizer with ``whole_matrices`` cannot use,
   so at stages 1/2 those take ``data_parallel`` (DeepSpeed still launches and forms the process
@@ -55,8 +60,8 @@ def choose_engine(cfg: Config, spec: OptimizerSpec) -> str:
         return "layerwise"
     if cfg.dist.engine == "deepspeed" and not routes_around_zero(cfg, spec):
         return "deepspeed"
-    if cfg.dist.engine == "ddp":
-        return "ddp"
+    if cfg.dist.engine in ("ddp", "fsdp"):
+        return cfg.dist.engine
     return "data_parallel"
 
 
@@ -111,6 +116,16 @@ def check_combination(cfg: Config, spec: OptimizerSpec, say) -> None:
         if spec.external_grads:
             raise ConfigError(f"dist.engine='ddp' with optim.name={name!r}: its INT8 weights' gradients live outside "
                               "torch's parameters, where DDP does not reduce them; use dist.engine=torch")
+    if cfg.dist.engine == "fsdp":
+        if spec.zeroth_order or spec.layerwise or not spec.dtensor_params or spec.changes_trainable:
+            raise ConfigError(
+                f"dist.engine='fsdp' with optim.name={name!r}: FSDP2 hands the optimizer DTensor shards of "
+                "every weight, and this optimizer does not declare that it steps on them (spec dtensor_params; "
+                "today: adamw). Use dist.engine=torch (with dist.zero_stage=1|2 to shard optimizer state by "
+                "whole tensors) or dist.engine=ddp")
+        if stage > 0:
+            raise ConfigError(f"dist.engine='fsdp' with dist.zero_stage={stage}: FSDP2 shards weights, gradients "
+                              "and optimizer state itself; leave dist.zero_stage=0")
     if cfg.dist.engine == "ddp" and spec.zeroth_order:
         say(f"note: {name} is zeroth-order (no backward): it runs on the plain model, one loss all-reduce per "
             "evaluation; DDP has nothing to add")
@@ -153,6 +168,14 @@ class Engine(abc.ABC):
         """Drop this step's gradients without updating (a skipped step)."""
         self.optimizer.zero_grad(set_to_none=True)
 
+    def eval_ranks(self) -> tuple[int, int]:
+        """(rank, world) for sharding the eval set: each rank scores its share by default."""
+        return self.dist.rank, self.dist.world
+
+    def export_state(self) -> dict | None:
+        """The full model tensors to export (rank 0; every rank calls it), or None: the model's own."""
+        return None
+
     def full_weights(self):
         """A context in which ``self.model``'s parameters are whole on every rank (entered by every
         rank: it may communicate). Only DeepSpeed ZeRO-3 partitions parameters."""
@@ -164,6 +187,7 @@ class Engine(abc.ABC):
         return {"model_state": self.model.state_dict(), "optim_state": self.optimizer.state_dict()}
 
     def load(self, path: str, saved_cfg: dict) -> None:
+        _refuse_fsdp_checkpoint(path, saved_cfg)
         if os.path.isdir(os.path.join(path, "deepspeed")):
             raise ConfigError(f"{path!r} was saved with ZeRO >= 1 (DeepSpeed format); resume it with "
                               f"dist.engine=deepspeed dist.zero_stage={saved_cfg['dist']['zero_stage']}")
@@ -250,6 +274,7 @@ class DataParallelEngine(Engine):
                 "rank_files": {"optim": self.dp.state_dict()}}
 
     def load(self, path: str, saved_cfg: dict) -> None:
+        _refuse_fsdp_checkpoint(path, saved_cfg)
         if os.path.isdir(os.path.join(path, "deepspeed")):
             super().load(path, saved_cfg)  # refuses with the resume command
         self.model.load_state_dict(ckpt.load_file(path, "model.pt"))
@@ -336,6 +361,80 @@ class DDPEngine(Engine):
         super().discard()
 
 
+class FSDPEngine(Engine):
+    """FSDP2: the model was sharded by :func:`slimtrain.parallel.fsdp.shard_model` before the
+    optimizer was built, so the optimizer steps on local shards. Gradients are reduce-scattered
+    (averaged) during the last micro-batch's backward; clipping uses torch's DTensor-aware
+    ``clip_grad_norm_`` (the global norm over all shards)."""
+
+    name = "fsdp"
+
+    def before_forward(self, last: bool) -> None:
+        self.model.set_requires_gradient_sync(last)  # earlier micro-batches accumulate locally
+
+    def _params(self) -> list[torch.Tensor]:
+        return [p for g in self.optimizer.param_groups for p in g["params"]]
+
+    @torch.no_grad()
+    def apply(self, max_grad_norm: float) -> tuple[float, bool]:
+        grads = [p.grad for p in self._params() if p.grad is not None]
+        ok = all(bool(torch.isfinite(_local(g)).all()) for g in grads)
+        if not all_ranks_agree(ok, self.dist.device):
+            self.discard()
+            return float("nan"), False
+        norm = torch.nn.utils.clip_grad_norm_(self._params(), max_grad_norm if max_grad_norm > 0 else float("inf"))
+        norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm, True
+
+    def eval_ranks(self) -> tuple[int, int]:
+        # every forward is collective under FSDP2, so every rank must run the same batches:
+        # each rank scores the whole eval set (no per-rank shares that could differ by a batch)
+        return 0, 1
+
+    def _options(self):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+        return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+    def export_state(self) -> dict | None:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        return get_model_state_dict(self.model, options=self._options())
+
+    def checkpoint_parts(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+        # full (unsharded) tensors on rank 0, gathered by every rank: loadable at any world size
+        model = get_model_state_dict(self.model, options=self._options())
+        optim = get_optimizer_state_dict(self.model, self.optimizer, options=self._options())
+        return {"model_state": model, "optim_state": optim}
+
+    def load(self, path: str, saved_cfg: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, \
+            set_optimizer_state_dict
+
+        if saved_cfg["dist"]["engine"] != "fsdp":
+            raise ConfigError(f"{path!r} was written by dist.engine={saved_cfg['dist']['engine']!r}; an FSDP2 run "
+                              "resumes checkpoints of dist.engine=fsdp (at any world size)")
+        options = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(self.model, ckpt.load_file(path, "model.pt"), options=options)
+        set_optimizer_state_dict(self.model, self.optimizer, ckpt.load_file(path, "optim.pt"), options=options)
+
+
+def _refuse_fsdp_checkpoint(path: str, saved_cfg: dict) -> None:
+    # FSDP2 checkpoints hold the optimizer state keyed by parameter name (torch.distributed.checkpoint)
+    if saved_cfg.get("dist", {}).get("engine") == "fsdp":
+        raise ConfigError(f"{path!r} was written by dist.engine=fsdp; resume it with dist.engine=fsdp (any number "
+                          "of ranks, one included), or export it with slimtrain export")
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (a plain tensor as it is)."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 class DeepSpeedEngine(Engine):
     """A DeepSpeed engine: it scales for accumulation, all-reduces, clips and (ZeRO >= 1) partitions."""
 
@@ -415,9 +514,11 @@ def build_engine(cfg: Config, model, optimizer, spec: OptimizerSpec, dist: Distr
         return LayerwiseEngine(model, optimizer, spec, dist, cfg.train.grad_accum)
     if kind == "deepspeed":
         return DeepSpeedEngine(model, optimizer, spec, dist, cfg)
+    if kind == "fsdp":
+        return FSDPEngine(model, optimizer, spec, dist)
     if kind == "ddp" and dist.world > 1:  # one rank: nothing to synchronise, the plain path is the same
         return DDPEngine(model, optimizer, spec, dist, cfg.dist.lowrank_sync)
     return DataParallelEngine(model, optimizer, spec, dist, cfg.dist.zero_stage, cfg.dist.lowrank_sync)
 
 
-__all__ = ["DDPEngine", "Engine", "build_engine", "check_combination", "choose_engine", "deepspeed_config", "routes_around_zero"]
+__all__ = ["DDPEngine", "Engine", "FSDPEngine", "build_engine", "check_combination", "choose_engine", "deepspeed_config", "routes_around_zero"]

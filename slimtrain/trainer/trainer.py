@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from ..optim.registry import available_optimizers, build_optimizer, optimizer_spec
+from ..parallel.fsdp import shard_model
 from ..run import checkpoint as ckpt
 from ..run.config import TRAIN_RESUME_SCHEDULE, Config, ConfigError, check_resume_config, optimizer_kwargs, to_dict
 from ..run.data import BlockOrder, build_tokenizer
@@ -52,6 +53,14 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def run_optimizer_spec(cfg: Config):
+    """What the optimizer ``cfg.optim`` names can do, known before it is built."""
+    known = available_optimizers()
+    if cfg.optim.name not in known:
+        raise ConfigError(f"optim.name={cfg.optim.name!r}: allowed choices are {known}")
+    return optimizer_spec(cfg.optim.name, **optimizer_kwargs(cfg.optim))
 
 
 def build_run_optimizer(cfg: Config, model):
@@ -101,8 +110,11 @@ class Trainer:
         self.model = build_model(cfg.model, self.tokenizer.vocab_size, cfg.data.seq_len,
                                  self.tokenizer.bos_token_id, self.tokenizer.eos_token_id, seed=cfg.train.seed,
                                  progress=cfg.train.progress and self.rank == 0).to(self.device)
+        if cfg.dist.engine == "fsdp":  # the optimizer must be built over the sharded parameters
+            check_combination(cfg, run_optimizer_spec(cfg), self._say)
+            shard_model(self.model, bf16=cfg.train.bf16, cpu_offload=cfg.dist.fsdp_cpu_offload)
         self.optimizer = build_run_optimizer(cfg, self.model)
-        self.spec = optimizer_spec(cfg.optim.name, **optimizer_kwargs(cfg.optim))
+        self.spec = run_optimizer_spec(cfg)
         check_combination(cfg, self.spec, self._say)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, warmup_cosine(cfg.train.warmup_steps, cfg.train.steps, cfg.train.min_lr_ratio))
@@ -152,8 +164,8 @@ class Trainer:
     def evaluate(self) -> dict:
         """The task's held-out metrics (``eval_loss`` and ``eval_ppl`` or ``eval_accuracy``), sharded over ranks."""
         self.model.eval()
-        metrics = self.task.evaluate(self.model, self.cfg.train.batch_size, self.device, self.rank, self.world,
-                                     self._autocast)
+        rank, world = self.engine.eval_ranks()
+        metrics = self.task.evaluate(self.model, self.cfg.train.batch_size, self.device, rank, world, self._autocast)
         self.model.train()
         return metrics
 
@@ -253,7 +265,9 @@ class Trainer:
             metrics = self._evaluate_and_log(writer, say=False)
             if cfg.export.dir:  # a Hugging Face directory of the final weights
                 with self.engine.full_weights():
-                    export_model(self.model, cfg.export.dir, self.tokenizer, dtype=cfg.export.dtype, rank=self.rank)
+                    export_model(self.model, cfg.export.dir, self.tokenizer, dtype=cfg.export.dtype, rank=self.rank,
+                                 state=self.engine.export_state())
+                self.dist.barrier()  # no rank tears the engine down while rank 0 still writes
         finally:
             bar.close()
             if writer:

@@ -87,6 +87,29 @@ def test_fsdp_two_ranks_match_one_process(single, two):
     assert (two[0]["weights"] - single["weights"]).abs().max() <= 1e-4 * max(1.0, single["weights"].abs().max())
 
 
+MEZO = {"optim.name": "mezo", "optim.lr": 1e-4, "optim.args": "{eps: 0.001}"}
+
+
+@pytest.mark.distributed
+def test_fsdp_mezo_perturbs_each_shard_as_one_process_does(root):
+    # each rank draws the noise stream by global element index and moves its own rows; one loss
+    # all-reduce per evaluation; the no-grad forwards leave no stale unsharded weights behind
+    single = _run(0, 1, root, "mezo_single", "torch", MEZO)
+    two = run_ranks(_run, 2, root, "mezo_two", "fsdp", {**MEZO, "checkpoint.every": 4, "checkpoint.keep": 3})
+    curve, ref = two[0]["losses"], single["losses"]
+    assert len(curve) == len(ref) == STEPS
+    assert max(abs(a - b) for a, b in zip(curve, ref)) < TOL, (curve, ref)
+    assert torch.equal(two[0]["weights"], two[1]["weights"])
+    moved = (single["weights"] - _run(0, 1, root, "mezo_zero", "torch", {**MEZO, "optim.lr": 1e-12})["weights"]).abs()
+    assert moved.max() > 1e-5  # the trajectory is not trivially the initial weights
+    assert (two[0]["weights"] - single["weights"]).abs().max() <= 1e-4 * max(1.0, single["weights"].abs().max())
+    # resume at the same world size: bit-exact
+    saved = shutil.copytree(os.path.join(root, "mezo_two", "checkpoints", "step_00000004"),
+                            os.path.join(root, "mezo_saved4"))
+    run_ranks(_run, 2, root, "mezo_resume", "fsdp", {**MEZO, "checkpoint.every": 4, "checkpoint.keep": 3}, saved)
+    assert losses(os.path.join(root, "mezo_resume"))[-4:] == curve[-4:]
+
+
 @pytest.mark.distributed
 def test_fsdp_shards_weights_and_state(single, two):
     for r in range(2):
@@ -150,9 +173,10 @@ def test_fsdp_refuses_optimizers_that_do_not_step_on_shards(root):
         cfg = load_config(None, tiny_overrides(_path(root), os.path.join(root, "x"), **{"dist.engine": "fsdp", **extra}))
         check_combination(cfg, optimizer_spec(cfg.optim.name, **(cfg.optim.args or {})), say=lambda *_: None)
 
-    for name in ("galore_adamw", "adamw8bit", "lisa", "mezo", "qgalore_adamw8bit"):
+    for name in ("galore_adamw", "adamw8bit", "lisa", "sparse_mezo", "qgalore_adamw8bit"):
         with pytest.raises(ConfigError, match="dtensor_params.*dist.engine=torch"):
             check(**{"optim.name": name})
     with pytest.raises(ConfigError, match="leave dist.zero_stage=0"):
         check(**{"optim.name": "adamw", "dist.zero_stage": 2})
     check(**{"optim.name": "adamw"})
+    check(**{"optim.name": "mezo"})

@@ -66,6 +66,41 @@ def _noise_chunks(numel: int, seed: int, index: int, chunk_size: int):
         yield start, end, torch.randn(end - start, generator=g, dtype=torch.float32)
 
 
+def _local_flat(p: Tensor) -> tuple[Tensor, int, int]:
+    """``(flat, start, numel)``: the flat view of the elements this process holds and where they
+    sit in the whole tensor. A plain tensor holds everything; an FSDP2 ``DTensor`` holds a dim-0
+    shard (contiguous rows), whose global offset gives the flat start."""
+    if not hasattr(p, "to_local"):
+        flat = p.data.view(-1)
+        return flat, 0, flat.numel()
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    local = p.data.to_local()
+    _, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    if any(o != 0 for o in offset[1:]):
+        raise ValueError(f"zeroth-order perturbation of a DTensor sharded on a dim other than 0 ({p.placements})")
+    row = math.prod(p.shape[1:]) if p.dim() > 1 else 1
+    return local.view(-1), int(offset[0]) * row if p.dim() > 0 else 0, p.numel()
+
+
+def _shard_chunks(p: Tensor, seed: int, index: int, chunk_size: int):
+    """Yield ``(key, x, z)``: the held elements ``x`` (a view) of each noise chunk and their noise.
+
+    The noise stream is the whole tensor's, drawn by global element index, so a sharded run
+    perturbs every element exactly as one process does (each rank draws the stream up to the end
+    of its shard and keeps its part; memory stays one chunk). ``key`` (the chunk's global start)
+    names the chunk in fix lists."""
+    flat, lo, numel = _local_flat(p)
+    hi = lo + flat.numel()
+    for start, end, z in _noise_chunks(numel, seed, index, chunk_size):
+        if end <= lo:
+            continue
+        if start >= hi:
+            break
+        a, b = max(start, lo), min(end, hi)
+        yield start, flat[a - lo: b - lo], z[a - start: b - start]
+
+
 def noise_like(param: Tensor, seed: int, index: int, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Tensor:
     """The full fp32 perturbation direction z used for ``param`` (tensor ``index``) under ``seed``.
 
@@ -198,9 +233,7 @@ def _move_(
         _check_param(p)
         thr = thresholds[i] if thresholds is not None else None
         cd = _compute_dtype(p.dtype)
-        flat = p.data.view(-1)
-        for start, end, z in _noise_chunks(flat.numel(), seed, i, chunk_size):
-            x = flat[start:end]
+        for start, x, z in _shard_chunks(p, seed, i, chunk_size):
             zc = z.to(cd)
             if from_scale == 0.0:
                 w = x.clone()
@@ -295,11 +328,9 @@ def zo_update_(
         _check_param(p)
         thr = thresholds[i] if thresholds is not None else None
         cd = _compute_dtype(p.dtype)
-        flat = p.data.view(-1)
-        streams = [_noise_chunks(flat.numel(), s, i, chunk_size) for s in seeds]
+        streams = [_shard_chunks(p, s, i, chunk_size) for s in seeds]
         for chunks in zip(*streams):
-            start, end = chunks[0][0], chunks[0][1]
-            x = flat[start:end]
+            x = chunks[0][1]
             w = x.to(cd)
             direction = torch.zeros_like(w)
             for (_, _, z), g in zip(chunks, projected_grads):
@@ -352,7 +383,8 @@ class MeZO(Optimizer):
     """
 
     # no backward: the engine calls step(closure); no per-parameter state to shard
-    spec = OptimizerSpec(zeroth_order=True, sharding="none")
+    # the noise is drawn by global element index, so each FSDP2 rank perturbs its own dim-0 shard
+    spec = OptimizerSpec(zeroth_order=True, sharding="none", dtensor_params=True)
 
     def __init__(
         self,
@@ -494,6 +526,9 @@ class SparseMeZO(MeZO):
     chunked bisection (no ``|w|`` copy), at the cost of up to 32 passes over an fp32 tensor
     per refresh.
     """
+
+    # the per-tensor magnitude threshold is computed from the whole tensor (not from shards yet)
+    spec = OptimizerSpec(zeroth_order=True, sharding="none")
 
     def __init__(self, params, lr: float = 1e-6, eps: float = 1e-3, weight_decay: float = 0.0, *,
                  sparsity: float = 0.75, mask_interval: int | None = None, **kwargs):

@@ -54,6 +54,8 @@ from .distributed import Distributed
 
 def choose_engine(cfg: Config, spec: OptimizerSpec) -> str:
     """The engine for ``cfg`` and an optimizer with ``spec`` (see the module docstring)."""
+    if cfg.dist.engine == "fsdp":  # zeroth-order included: its weights are sharded too
+        return "fsdp"
     if spec.zeroth_order:
         return "zeroth_order"
     if spec.layerwise:
@@ -117,11 +119,11 @@ def check_combination(cfg: Config, spec: OptimizerSpec, say) -> None:
             raise ConfigError(f"dist.engine='ddp' with optim.name={name!r}: its INT8 weights' gradients live outside "
                               "torch's parameters, where DDP does not reduce them; use dist.engine=torch")
     if cfg.dist.engine == "fsdp":
-        if spec.zeroth_order or spec.layerwise or not spec.dtensor_params or spec.changes_trainable:
+        if spec.layerwise or not spec.dtensor_params or spec.changes_trainable:
             raise ConfigError(
                 f"dist.engine='fsdp' with optim.name={name!r}: FSDP2 hands the optimizer DTensor shards of "
                 "every weight, and this optimizer does not declare that it steps on them (spec dtensor_params; "
-                "today: adamw). Use dist.engine=torch (with dist.zero_stage=1|2 to shard optimizer state by "
+                "today: adamw, mezo). Use dist.engine=torch (with dist.zero_stage=1|2 to shard optimizer state by "
                 "whole tensors) or dist.engine=ddp")
         if stage > 0:
             raise ConfigError(f"dist.engine='fsdp' with dist.zero_stage={stage}: FSDP2 shards weights, gradients "
@@ -154,6 +156,9 @@ class Engine(abc.ABC):
 
     def before_forward(self, last: bool) -> None:
         """Called before each micro-batch's forward; ``last`` for the step's final micro-batch."""
+
+    def after_forward_without_backward(self) -> None:
+        """Called after a zeroth-order loss evaluation, before the optimizer moves the weights in place."""
 
     def backward(self, loss: torch.Tensor, grad_accum: int) -> None:
         (loss / grad_accum).backward()
@@ -388,6 +393,15 @@ class FSDPEngine(Engine):
         self.optimizer.zero_grad(set_to_none=True)
         return norm, True
 
+    def after_forward_without_backward(self) -> None:
+        # a no-grad forward may leave modules unsharded (the root, the last layer); the optimizer
+        # is about to move the sharded weights, so the next forward must all-gather them afresh
+        from torch.distributed.fsdp import FSDPModule
+
+        for module in self.model.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
+
     def eval_ranks(self) -> tuple[int, int]:
         # every forward is collective under FSDP2, so every rank must run the same batches:
         # each rank scores the whole eval set (no per-rank shares that could differ by a batch)
@@ -408,7 +422,10 @@ class FSDPEngine(Engine):
 
         # full (unsharded) tensors on rank 0, gathered by every rank: loadable at any world size
         model = get_model_state_dict(self.model, options=self._options())
-        optim = get_optimizer_state_dict(self.model, self.optimizer, options=self._options())
+        if self.spec.zeroth_order:  # seeds and a generator, the same on every rank: no per-tensor state
+            optim = self.optimizer.state_dict()
+        else:
+            optim = get_optimizer_state_dict(self.model, self.optimizer, options=self._options())
         return {"model_state": model, "optim_state": optim}
 
     def load(self, path: str, saved_cfg: dict) -> None:
@@ -420,7 +437,10 @@ class FSDPEngine(Engine):
                               "resumes checkpoints of dist.engine=fsdp (at any world size)")
         options = StateDictOptions(full_state_dict=True)
         set_model_state_dict(self.model, ckpt.load_file(path, "model.pt"), options=options)
-        set_optimizer_state_dict(self.model, self.optimizer, ckpt.load_file(path, "optim.pt"), options=options)
+        if self.spec.zeroth_order:
+            self.optimizer.load_state_dict(ckpt.load_file(path, "optim.pt"))
+        else:
+            set_optimizer_state_dict(self.model, self.optimizer, ckpt.load_file(path, "optim.pt"), options=options)
 
 
 def _refuse_fsdp_checkpoint(path: str, saved_cfg: dict) -> None:

@@ -48,7 +48,7 @@ def backprop_step(engine: Engine, micro_batches: Iterable, loss_of: LossFn, dist
     return StepOutcome(loss, grad_norm, applied)
 
 
-def zeroth_order_step(optimizer, micro_batches: Iterable, loss_of: LossFn, model, dist: Distributed,
+def zeroth_order_step(optimizer, micro_batches: Iterable, loss_of: LossFn, engine: Engine, dist: Distributed,
                       grad_accum: int) -> StepOutcome:
     """``optimizer.step(closure)`` with a closure that returns the rank-averaged loss of the step's
     micro-batches, under ``torch.no_grad()`` (MeZO evaluates it at ``w +- eps z``)."""
@@ -57,8 +57,9 @@ def zeroth_order_step(optimizer, micro_batches: Iterable, loss_of: LossFn, model
 
     def closure():
         with torch.no_grad():
-            total = sum(loss_of(model, batch) for batch in batches) / grad_accum
+            total = sum(loss_of(engine.module, batch) for batch in batches) / grad_accum
             total = dist.mean(total)
+        engine.after_forward_without_backward()  # the weights move next, in place
         seen.append(total)
         return total
 

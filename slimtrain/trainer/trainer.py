@@ -154,7 +154,7 @@ class Trainer:
         """One optimizer step of the configured kind (the schedule advances in the loop)."""
         cfg = self.cfg.train
         if self.spec.zeroth_order:
-            return zeroth_order_step(self.optimizer, self.micro_batches(self.step), self.loss_of, self.model,
+            return zeroth_order_step(self.optimizer, self.micro_batches(self.step), self.loss_of, self.engine,
                                      self.dist, cfg.grad_accum)
         return backprop_step(self.engine, self.micro_batches(self.step), self.loss_of, self.dist, cfg.grad_accum,
                              cfg.max_grad_norm)
@@ -166,6 +166,7 @@ class Trainer:
         self.model.eval()
         rank, world = self.engine.eval_ranks()
         metrics = self.task.evaluate(self.model, self.cfg.train.batch_size, self.device, rank, world, self._autocast)
+        self.engine.after_forward_without_backward()
         self.model.train()
         return metrics
 

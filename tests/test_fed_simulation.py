@@ -287,6 +287,19 @@ def test_real_slow_client_is_dropped_by_the_deadline(assets, tmp_path, monkeypat
 
 
 # ---------------------------------------------------------------------------- crash and resume
+def crash_during(sim, crash_round: int) -> None:
+    """Make ``sim.run()`` die inside round ``crash_round`` (0-based), at its second active client
+    (the first has already saved its state: a half-written round)."""
+    victim = sim._sample(crash_round)[1].tolist()[1]
+
+    def crash(r, cid):
+        if r == crash_round and cid == victim:
+            raise SimulatedCrash()
+        return None
+
+    sim.fault_fn = crash
+
+
 def test_crash_and_resume_equals_uninterrupted_run(assets, tmp_path):
     extra = {"federated.rounds": 4, "federated.compression": "topk", "federated.compression_fraction": 0.2,
              "federated.keep_client_optimizer_state": True, "federated.strategy": "fedadam"}
@@ -296,14 +309,7 @@ def test_crash_and_resume_equals_uninterrupted_run(assets, tmp_path):
     out = tmp_path / "crashed"
     sim = FederatedSimulation(make_cfg(assets, out, **extra))
     crash_round = 2  # 0-based: rounds 1 and 2 are checkpointed, round 3 dies half-way
-    victim = sim._sample(crash_round)[1].tolist()[1]  # the first active client of round 3 saves first
-
-    def crash(r, cid):
-        if r == crash_round and cid == victim:
-            raise SimulatedCrash()
-        return None
-
-    sim.fault_fn = crash
+    crash_during(sim, crash_round)
     with pytest.raises(SimulatedCrash):
         sim.run()
     assert sim.round == crash_round

@@ -11,7 +11,7 @@ import torch
 
 from slimtrain.federated import TernaryCompressor, build_compressor, global_norm
 from slimtrain.federated.server import FederatedSimulation
-from test_fed_simulation import SimulatedCrash, assets, make_cfg, params_equal  # noqa: F401  (the module-scoped fixture)
+from test_fed_simulation import SimulatedCrash, assets, crash_during, make_cfg, params_equal  # noqa: F401  (fixture)
 
 
 def _raw_bytes(payload) -> int:
@@ -125,14 +125,7 @@ def test_crash_and_resume_with_ternary_uploads_equals_uninterrupted_run(assets, 
     out = tmp_path / "crashed"
     sim = FederatedSimulation(make_cfg(assets, out, **extra))
     crash_round = 2
-    victim = sim._sample(crash_round)[1].tolist()[1]
-
-    def crash(r, cid):
-        if r == crash_round and cid == victim:
-            raise SimulatedCrash()
-        return None
-
-    sim.fault_fn = crash
+    crash_during(sim, crash_round)
     with pytest.raises(SimulatedCrash):
         sim.run()
     resumed = FederatedSimulation(make_cfg(assets, out, **extra), resume=True)

@@ -98,7 +98,8 @@ def _shard_chunks(p: Tensor, seed: int, index: int, chunk_size: int):
         if start >= hi:
             break
         a, b = max(start, lo), min(end, hi)
-        yield start, flat[a - lo: b - lo], z[a - start: b - start]
+        # drawn on the CPU generator (the same numbers on every device), used where the weights are
+        yield start, flat[a - lo: b - lo], z[a - start: b - start].to(flat.device, non_blocking=True)
 
 
 def noise_like(param: Tensor, seed: int, index: int, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Tensor:
@@ -187,7 +188,7 @@ def _unperturb(x: Tensor, d: Tensor, threshold: Tensor | None, cd: torch.dtype) 
     # the rare rest: try the two neighbours of round(x - d)
     idx = (~ok).nonzero().view(-1)
     xs, ds, c0 = x[idx], d[idx], w[idx]
-    inf = torch.tensor(float("inf"), dtype=dtype)
+    inf = torch.tensor(float("inf"), dtype=dtype, device=x.device)
     best = xs if threshold is not None else c0
     for cand in (torch.nextafter(c0, inf), torch.nextafter(c0, -inf)):
         good = _round_to(cand.to(cd) + ds, dtype) == xs

@@ -14,6 +14,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from .validation import check_adam_args, check_8bit_args
+from .shards import is_sharded, local
 from .spec import OptimizerSpec
 from .state_checks import check_params_supported, check_state_dict, mark
 from .state_dtypes import restore_state_dtypes
@@ -147,7 +148,10 @@ class AdamW8bit(LayerwiseUpdates, Optimizer):
     @classmethod
     def spec_for(cls, layerwise: bool = False) -> OptimizerSpec:
         # whole-tensor state; the layer-wise mode is LayerwiseUpdates'
-        return OptimizerSpec(layerwise_capable=True, layerwise=bool(layerwise))
+        # element-wise, so it steps on FSDP2's local shards: 8-bit blocks on the shard, state as
+        # plain tensors of the shard (saved per rank, see local_shard_state)
+        return OptimizerSpec(layerwise_capable=True, layerwise=bool(layerwise), dtensor_params=not layerwise,
+                             local_shard_state=not layerwise)
 
     @property
     def spec(self) -> OptimizerSpec:
@@ -227,11 +231,13 @@ class AdamW8bit(LayerwiseUpdates, Optimizer):
         state = self.state[p]
         if "step" not in state:
             state["step"] = torch.tensor(0.0)
-            if p.numel() >= group["min_8bit_size"]:
-                init_8bit_moments(state, p, group["block_size"])
+            held = local(p)  # an FSDP2 shard: moments for the rows this rank holds
+            if p.numel() >= group["min_8bit_size"]:  # decided on the whole tensor: the same at any world size
+                init_8bit_moments(state, held, group["block_size"])
             else:
-                state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+                state["exp_avg"] = torch.zeros_like(held, dtype=torch.float32, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(held, dtype=torch.float32,
+                                                       memory_format=torch.preserve_format)
 
     @staticmethod
     def _clip(grad: Tensor, max_norm: float | None) -> Tensor:
@@ -280,6 +286,9 @@ class AdamW8bit(LayerwiseUpdates, Optimizer):
             return loss
         for group in self.param_groups:
             if group.get("max_grad_norm") is not None or group.get("stochastic_rounding", False):
+                if any(is_sharded(p) for p in group["params"]):
+                    raise ValueError("AdamW8bit's per-tensor max_grad_norm / stochastic_rounding need whole tensors; "
+                                     "under FSDP2 clip with train.max_grad_norm (the global norm) instead")
                 for p in group["params"]:  # the per-tensor path the layer-wise hooks take
                     if p.grad is not None:
                         self._update_one(p, group)
@@ -292,12 +301,13 @@ class AdamW8bit(LayerwiseUpdates, Optimizer):
             if quant:
                 st = [self.state[p] for p in quant]
                 moments = [load_8bit_moments(s, group["block_size"]) for s in st]
-                adamw8bit(quant, [p.grad for p in quant], [m for m, _ in moments], [v for _, v in moments],
-                          [s[SKIPPED] for s in st], [s["step"] for s in st], backend=self.backend, **hyper)
+                adamw8bit([local(p) for p in quant], [local(p.grad) for p in quant], [m for m, _ in moments],
+                          [v for _, v in moments], [s[SKIPPED] for s in st], [s["step"] for s in st],
+                          backend=self.backend, **hyper)
             if full:
                 st = [self.state[p] for p in full]
-                _adamw32(full, [p.grad for p in full], [s["exp_avg"] for s in st], [s["exp_avg_sq"] for s in st],
-                         [s["step"] for s in st], **hyper)
+                _adamw32([local(p) for p in full], [local(p.grad) for p in full], [s["exp_avg"] for s in st],
+                         [s["exp_avg_sq"] for s in st], [s["step"] for s in st], **hyper)
         return loss
 
     def nonfinite_skipped(self) -> int:

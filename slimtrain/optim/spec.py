@@ -64,6 +64,10 @@ class OptimizerSpec:
     dtensor_params: bool = False
     """Steps correctly on FSDP2's ``DTensor`` shards (element-wise math that torch's DTensor
     dispatch carries, with state created from the shards), so ``dist.engine=fsdp`` can run it."""
+    local_shard_state: bool = False
+    """Under FSDP2 its per-parameter state holds plain tensors of the local shard (8-bit blocks on
+    the shard), not DTensors: checkpoints keep one state file per rank and resume at the same
+    world size."""
     changes_trainable: bool = False
     """Switches which tensors train from period to period (LISA toggles ``requires_grad``): an
     engine that registers its gradient hooks once (DDP) cannot follow."""

@@ -27,6 +27,8 @@ import math
 import torch
 from torch import Tensor
 
+from .shards import local
+
 FORMAT_KEY = "slimtrain_format"
 
 # moment-like keys: shaped like the gradient the optimizer sees
@@ -64,7 +66,7 @@ def _seen_shape(p: Tensor, group: dict, st: dict) -> tuple[int, ...]:
     """Shape of the gradient the optimizer keeps moments for: the GaLore projection if any."""
     left, right = _proj_shape(st, "proj_left"), _proj_shape(st, "proj_right")
     if "rank" not in group or p.dim() < 2 or (left is None and right is None):
-        return tuple(p.shape)
+        return tuple(local(p).shape)  # an FSDP2 shard keeps moments for the rows it holds
     m, n = p.shape[0], p[0].numel()
     rows = left[1] if left is not None else m
     cols = right[0] if right is not None else n

@@ -123,7 +123,7 @@ def check_combination(cfg: Config, spec: OptimizerSpec, say) -> None:
             raise ConfigError(
                 f"dist.engine='fsdp' with optim.name={name!r}: FSDP2 hands the optimizer DTensor shards of "
                 "every weight, and this optimizer does not declare that it steps on them (spec dtensor_params; "
-                "today: adamw, mezo). Use dist.engine=torch (with dist.zero_stage=1|2 to shard optimizer state by "
+                "today: adamw, adamw8bit, mezo). Use dist.engine=torch (with dist.zero_stage=1|2 to shard optimizer state by "
                 "whole tensors) or dist.engine=ddp")
         if stage > 0:
             raise ConfigError(f"dist.engine='fsdp' with dist.zero_stage={stage}: FSDP2 shards weights, gradients "
@@ -424,6 +424,8 @@ class FSDPEngine(Engine):
         model = get_model_state_dict(self.model, options=self._options())
         if self.spec.zeroth_order:  # seeds and a generator, the same on every rank: no per-tensor state
             optim = self.optimizer.state_dict()
+        elif self.spec.local_shard_state:  # plain tensors of each rank's shard (8-bit blocks): one file per rank
+            return {"model_state": model, "optim_state": None, "rank_files": {"optim": self.optimizer.state_dict()}}
         else:
             optim = get_optimizer_state_dict(self.model, self.optimizer, options=self._options())
         return {"model_state": model, "optim_state": optim}
@@ -437,7 +439,14 @@ class FSDPEngine(Engine):
                               "resumes checkpoints of dist.engine=fsdp (at any world size)")
         options = StateDictOptions(full_state_dict=True)
         set_model_state_dict(self.model, ckpt.load_file(path, "model.pt"), options=options)
-        if self.spec.zeroth_order:
+        if self.spec.local_shard_state:
+            shards = ckpt.load_rank_files(path, "optim")
+            if len(shards) != self.dist.world:
+                raise ConfigError(f"{path!r} holds the optimizer's state as {len(shards)} per-rank shard files "
+                                  f"(8-bit blocks on each rank's rows); resume it on {len(shards)} ranks (re-blocking "
+                                  "for another world size is not built)")
+            self.optimizer.load_state_dict(shards[self.dist.rank])
+        elif self.spec.zeroth_order:
             self.optimizer.load_state_dict(ckpt.load_file(path, "optim.pt"))
         else:
             set_optimizer_state_dict(self.model, self.optimizer, ckpt.load_file(path, "optim.pt"), options=options)

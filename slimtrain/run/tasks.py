@@ -250,8 +250,9 @@ class _PaddedTask(Task):
             out += self._examples(rows, path, kind)
         return out
 
+    @abc.abstractmethod
     def _examples(self, rows, path: str, kind: str) -> list[Example]:
-        raise NotImplementedError
+        """The task's examples from one file's ``rows`` (``kind``: its format), bad rows named."""
 
     @staticmethod
     def _require(rows, path: str, kind: str, fields: list[str], what: str) -> list[dict]:

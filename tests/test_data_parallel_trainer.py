@@ -12,13 +12,14 @@ per-rank shards are merged) within the same tolerance.
 from __future__ import annotations
 
 import os
+import pathlib
 import shutil
 
 import pytest
 import torch
 
 from helpers import run_ranks
-from trainer_setup import losses, tiny_overrides
+from trainer_setup import losses, prepared_root, tiny_overrides
 
 TOL = 1e-4
 GALORE = {"optim.name": "galore_adamw", "optim.args": "{rank: 8, update_proj_gap: 3}"}
@@ -52,7 +53,7 @@ def _run_jobs(rank, world, root, jobs):
     out = {}
     for name, extra, resume in jobs:
         batch = 4 // world
-        cfg = load_config(None, tiny_overrides(_path(root), os.path.join(root, f"{name}_w{world}"),
+        cfg = load_config(None, tiny_overrides(pathlib.Path(root), os.path.join(root, f"{name}_w{world}"),
                                                **{"train.batch_size": batch, **extra}))
         trainer = Trainer(cfg, resume=resume)
         try:
@@ -70,17 +71,10 @@ def _run_jobs(rank, world, root, jobs):
     return out
 
 
-def _path(root):
-    import pathlib
-
-    return pathlib.Path(root)
-
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
-    path = tmp_path_factory.mktemp("dp")
-    tiny_overrides(path, str(path / "unused"))  # writes the tiny model and text once, before any rank runs
-    return str(path)
+    return prepared_root(tmp_path_factory, "dp")
 
 
 @pytest.fixture(scope="module")

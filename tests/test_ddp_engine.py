@@ -10,12 +10,13 @@ that refresh its projector.
 from __future__ import annotations
 
 import os
+import pathlib
 
 import pytest
 import torch
 
 from helpers import run_ranks
-from trainer_setup import losses, tiny_overrides
+from trainer_setup import losses, prepared_root, tiny_overrides
 
 TOL = 1e-4
 GAP = 3
@@ -40,7 +41,7 @@ def _run_jobs(rank, world, root, engine, jobs):
     for name in jobs:
         extra = dict(JOBS[name])
         accum = int(extra.get("train.grad_accum", 1))
-        cfg = load_config(None, tiny_overrides(_path(root), os.path.join(root, f"{name}_{engine}_w{world}"), **{
+        cfg = load_config(None, tiny_overrides(pathlib.Path(root), os.path.join(root, f"{name}_{engine}_w{world}"), **{
             "train.batch_size": 4 // world // accum, "dist.engine": engine, **extra}))
         trainer = Trainer(cfg)
         try:
@@ -63,17 +64,10 @@ def _run_jobs(rank, world, root, engine, jobs):
     return out
 
 
-def _path(root):
-    import pathlib
-
-    return pathlib.Path(root)
-
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
-    path = tmp_path_factory.mktemp("ddp")
-    tiny_overrides(path, str(path / "unused"))  # the tiny model and text, written once before any rank runs
-    return str(path)
+    return prepared_root(tmp_path_factory, "ddp")
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +115,7 @@ def test_ddp_refuses_what_it_cannot_carry(root):
     from slimtrain.trainer.engines import check_combination
 
     def check(**extra):
-        cfg = load_config(None, tiny_overrides(_path(root), os.path.join(root, "x"), **{"dist.engine": "ddp", **extra}))
+        cfg = load_config(None, tiny_overrides(pathlib.Path(root), os.path.join(root, "x"), **{"dist.engine": "ddp", **extra}))
         args = cfg.optim.args or {}
         check_combination(cfg, optimizer_spec(cfg.optim.name, **args), say=lambda *_: None)
 

@@ -10,13 +10,14 @@ same world size and within 1e-4 at another, and the export must be the gathered 
 from __future__ import annotations
 
 import os
+import pathlib
 import shutil
 
 import pytest
 import torch
 
 from helpers import run_ranks
-from trainer_setup import losses, tiny_overrides
+from trainer_setup import losses, prepared_root, tiny_overrides
 
 TOL = 1e-4
 STEPS = 8
@@ -34,7 +35,7 @@ def _run(rank, world, root, name, engine, extra, resume=None):
     from slimtrain.run.config import load_config
     from slimtrain.trainer.trainer import Trainer
 
-    cfg = load_config(None, tiny_overrides(_path(root), os.path.join(root, name), **{
+    cfg = load_config(None, tiny_overrides(pathlib.Path(root), os.path.join(root, name), **{
         "train.batch_size": 4 // world, "dist.engine": engine, "optim.name": "adamw", **extra}))
     trainer = Trainer(cfg, resume=resume)
     try:
@@ -53,17 +54,10 @@ def _run(rank, world, root, name, engine, extra, resume=None):
         trainer.close()
 
 
-def _path(root):
-    import pathlib
-
-    return pathlib.Path(root)
-
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
-    path = tmp_path_factory.mktemp("fsdp")
-    tiny_overrides(path, str(path / "unused"))
-    return str(path)
+    return prepared_root(tmp_path_factory, "fsdp")
 
 
 @pytest.fixture(scope="module")
@@ -196,7 +190,7 @@ def test_fsdp_refuses_optimizers_that_do_not_step_on_shards(root):
     from slimtrain.trainer.engines import check_combination
 
     def check(**extra):
-        cfg = load_config(None, tiny_overrides(_path(root), os.path.join(root, "x"), **{"dist.engine": "fsdp", **extra}))
+        cfg = load_config(None, tiny_overrides(pathlib.Path(root), os.path.join(root, "x"), **{"dist.engine": "fsdp", **extra}))
         check_combination(cfg, optimizer_spec(cfg.optim.name, **(cfg.optim.args or {})), say=lambda *_: None)
 
     for name in ("galore_adamw", "lisa", "sparse_mezo", "qgalore_adamw8bit"):

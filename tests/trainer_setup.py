@@ -52,6 +52,14 @@ def tiny_overrides(root: pathlib.Path, out: str, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in args.items()]
 
 
+def prepared_root(tmp_path_factory, name: str) -> str:
+    """A module-scoped directory holding the tiny model and text, written once before any rank
+    (a spawned process) reads them."""
+    path = tmp_path_factory.mktemp(name)
+    tiny_overrides(path, str(path / "unused"))
+    return str(path)
+
+
 def cli_env() -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false",
                PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))

@@ -71,7 +71,6 @@ def _run_jobs(rank, world, root, jobs):
     return out
 
 
-
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
     return prepared_root(tmp_path_factory, "dp")

@@ -64,7 +64,6 @@ def _run_jobs(rank, world, root, engine, jobs):
     return out
 
 
-
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
     return prepared_root(tmp_path_factory, "ddp")

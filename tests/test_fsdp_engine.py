@@ -54,7 +54,6 @@ def _run(rank, world, root, name, engine, extra, resume=None):
         trainer.close()
 
 
-
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
     return prepared_root(tmp_path_factory, "fsdp")

@@ -38,6 +38,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from .shards import is_sharded
 from .spec import OptimizerSpec
 from .state_checks import FORMAT_KEY, check_params_supported, check_state_dict, mark
 
@@ -70,7 +71,7 @@ def _local_flat(p: Tensor) -> tuple[Tensor, int, int]:
     """``(flat, start, numel)``: the flat view of the elements this process holds and where they
     sit in the whole tensor. A plain tensor holds everything; an FSDP2 ``DTensor`` holds a dim-0
     shard (contiguous rows), whose global offset gives the flat start."""
-    if not hasattr(p, "to_local"):
+    if not is_sharded(p):
         flat = p.data.view(-1)
         return flat, 0, flat.numel()
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset

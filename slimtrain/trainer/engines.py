@@ -41,6 +41,7 @@ import os
 
 import torch
 
+from ..optim.shards import local
 from ..optim.spec import OptimizerSpec, lowrank_step_of
 from ..parallel.comm import Comm
 from ..parallel.data_parallel import DataParallelOptimizer
@@ -383,7 +384,7 @@ class FSDPEngine(Engine):
     @torch.no_grad()
     def apply(self, max_grad_norm: float) -> tuple[float, bool]:
         grads = [p.grad for p in self._params() if p.grad is not None]
-        ok = all(bool(torch.isfinite(_local(g)).all()) for g in grads)
+        ok = all(bool(torch.isfinite(local(g)).all()) for g in grads)
         if not all_ranks_agree(ok, self.dist.device):
             self.discard()
             return float("nan"), False
@@ -457,11 +458,6 @@ def _refuse_fsdp_checkpoint(path: str, saved_cfg: dict) -> None:
     if saved_cfg.get("dist", {}).get("engine") == "fsdp":
         raise ConfigError(f"{path!r} was written by dist.engine=fsdp; resume it with dist.engine=fsdp (any number "
                           "of ranks, one included), or export it with slimtrain export")
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """A DTensor's local shard (a plain tensor as it is)."""
-    return t.to_local() if hasattr(t, "to_local") else t
 
 
 class DeepSpeedEngine(Engine):

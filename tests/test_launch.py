@@ -86,6 +86,22 @@ def test_torchrun_ddp_galore_matches_one_rank(workdir, reference):
 
 @pytest.mark.slow
 @pytest.mark.distributed
+def test_torchrun_fsdp_adamw8bit_matches_one_rank(workdir):
+    # FSDP2 through the command line: 8-bit AdamW on each rank's rows (blocks of one row)
+    a8 = {"optim.name": "adamw8bit", "optim.args": "{block_size: 32, min_8bit_size: 1024}"}
+    ref = run_cli(tiny_overrides(workdir, str(workdir / "a8_ref"), **a8), str(workdir))
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                "--master_port", str(free_port()), "-m"]
+    args = tiny_overrides(workdir, str(workdir / "a8_fsdp"), **{**a8, "train.batch_size": 2})
+    result = run_cli(args + ["engine=fsdp"], str(workdir), launcher=launcher)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 rank(s), engine fsdp (fsdp)" in result.stdout + result.stderr
+    _assert_close(losses(str(workdir / "a8_fsdp")), losses(str(workdir / "a8_ref")))
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_deepspeed_launcher_zero2_galore_matches_one_rank(workdir, reference):
     # `deepspeed` passes --local_rank=N ahead of our subcommand. With dist.engine=deepspeed and
     # ZeRO-2, GaLore cannot take the engine's flat partitions: slimtrain's sharding takes over.

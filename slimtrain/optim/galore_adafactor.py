@@ -7,16 +7,32 @@ combined with the gradient projection of Zhao et al., "GaLore", ICML 2024.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 from torch import Tensor
 
 from . import projector as proj
+from . import row_shards
 from .galore_base import GaLoreOptimizerBase
+from .shards import is_sharded, local
+
+RowSum = Callable[[Tensor], Tensor]  # sums a tensor over every rank's rows (FSDP2 shards)
 
 
-def _rms(t: Tensor) -> Tensor:
-    return t.norm(2) / (t.numel() ** 0.5)
+def _rms(t: Tensor, row_sum: RowSum | None = None, rows: int | None = None) -> Tensor:
+    if row_sum is None:
+        return t.norm(2) / (t.numel() ** 0.5)
+    # a row shard: the whole tensor's (rows, ...) root mean square from every rank's sum of squares
+    numel = rows * math.prod(t.shape[1:])
+    return (row_sum(t.float().pow(2).sum()) / numel).sqrt()
+
+
+def _mean_over_rows(t: Tensor, dim: int, row_sum: RowSum | None, rows: int | None) -> Tensor:
+    # dim indexes the rows: their mean over every rank when sharded
+    if row_sum is None:
+        return t.mean(dim=dim, keepdim=dim == -1)
+    return row_sum(t.sum(dim=dim, keepdim=dim == -1)) / rows
 
 
 def adafactor_lr(lr, step: float, rms: float, *, eps2: float, relative_step: bool, warmup_init: bool, scale_parameter: bool) -> float:
@@ -50,18 +66,27 @@ def galore_adafactor(
     relative_step: bool,
     warmup_init: bool,
     scale: float,
+    row_sums: list[RowSum | None] | None = None,
+    full_rows: list[int | None] | None = None,
 ) -> None:
     """Functional GaLore-Adafactor step on optimizer-space gradients (projected for GaLore
     tensors). A tensor is factored (row + column second moments) when its gradient is >= 2-D:
     ``exp_avg_sq_rows/cols`` are then set and ``exp_avg_sqs`` is ``None``, and vice versa.
+
+    ``row_sums[i]`` (FSDP2 row shards): ``params[i]`` and ``grads[i]`` are this rank's rows of a
+    tensor with ``full_rows[i]`` rows, and ``row_sums[i]`` sums a tensor over the ranks. Adafactor
+    reads four whole-tensor statistics (the parameter's RMS, the row factor's mean, the column
+    means, the update's RMS); each becomes a sum over ranks (three scalars and one vector of the
+    columns), so N ranks take one process's step.
     """
     for i, param in enumerate(params):
         grad, step_t = grads[i], state_steps[i]
+        reduce, rows = (row_sums[i], full_rows[i]) if row_sums else (None, None)
         step_t += 1
         step = float(step_t)
         p32 = param.float() if param.dtype in (torch.float16, torch.bfloat16) else param
         step_lr = adafactor_lr(
-            lr, step, float(_rms(p32)), eps2=eps[1], relative_step=relative_step,
+            lr, step, float(_rms(p32, reduce, rows)), eps2=eps[1], relative_step=relative_step,
             warmup_init=warmup_init, scale_parameter=scale_parameter,
         )
         beta2t = 1.0 - math.pow(step, decay_rate)
@@ -69,14 +94,14 @@ def galore_adafactor(
         if exp_avg_sqs[i] is None:
             row, col = exp_avg_sq_rows[i], exp_avg_sq_cols[i]
             row.mul_(beta2t).add_(update.mean(dim=-1), alpha=1.0 - beta2t)
-            col.mul_(beta2t).add_(update.mean(dim=-2), alpha=1.0 - beta2t)
-            r_factor = (row / row.mean(dim=-1, keepdim=True)).rsqrt_().unsqueeze(-1)
+            col.mul_(beta2t).add_(_mean_over_rows(update, -2, reduce, rows), alpha=1.0 - beta2t)
+            r_factor = (row / _mean_over_rows(row, -1, reduce, rows)).rsqrt_().unsqueeze(-1)
             c_factor = col.unsqueeze(-2).rsqrt()
             update = torch.mul(r_factor, c_factor).mul_(grad)
         else:
             exp_avg_sqs[i].mul_(beta2t).add_(update, alpha=1.0 - beta2t)
             update = exp_avg_sqs[i].rsqrt().mul_(grad)
-        update.div_((_rms(update) / clip_threshold).clamp_(min=1.0))
+        update.div_((_rms(update, reduce, rows) / clip_threshold).clamp_(min=1.0))
         update.mul_(step_lr)
         if beta1 is not None:
             exp_avgs[i].mul_(beta1).add_(update, alpha=1.0 - beta1)
@@ -104,6 +129,8 @@ class GaLoreAdafactor(GaLoreOptimizerBase):
     Drop-in for ``galore_torch.GaLoreAdafactor`` (same arguments, defaults and group keys);
     slimtrain's group keys and ``layerwise`` mode are those of :class:`GaLoreAdamW`.
     """
+
+    ROW_SHARDS = True  # on FSDP2 row shards, its whole-matrix statistics are summed over ranks
 
     def __init__(
         self,
@@ -159,12 +186,18 @@ class GaLoreAdafactor(GaLoreOptimizerBase):
                 state["exp_avg_sq"] = torch.zeros_like(grad)
         state.setdefault("step", torch.tensor(0.0))
         galore = "rank" in group
+        sharded = is_sharded(p)
+        if sharded and grad.dim() > 2:
+            raise ValueError(f"GaLoreAdafactor on an FSDP2 shard of shape {tuple(p.shape)}: factored moments of a "
+                             ">2-D gradient are not supported on row shards")
         galore_adafactor(
-            [p], [grad], [state.get("exp_avg")], [state.get("exp_avg_sq_row")], [state.get("exp_avg_sq_col")],
+            [local(p)], [grad], [state.get("exp_avg")], [state.get("exp_avg_sq_row")], [state.get("exp_avg_sq_col")],
             [state.get("exp_avg_sq")], [state["step"]],
             [state.get("proj_left") if galore else None], [state.get("proj_right") if galore else None],
             lr=group["lr"], eps=group["eps"], clip_threshold=group["clip_threshold"], decay_rate=group["decay_rate"],
             beta1=group["beta1"], weight_decay=group["weight_decay"], scale_parameter=group["scale_parameter"],
             relative_step=group["relative_step"], warmup_init=group["warmup_init"],
             scale=group["scale"] if galore else 1.0,
+            row_sums=[(lambda t: row_shards.all_reduce_sum(t, p)) if sharded else None],
+            full_rows=[p.shape[0] if sharded else None],
         )

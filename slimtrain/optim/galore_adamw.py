@@ -14,6 +14,7 @@ from torch import Tensor
 from .validation import check_adam_args
 from . import projector as proj
 from .galore_base import GaLoreOptimizerBase
+from .shards import local
 from .natural import NATURAL_DEFAULT_DAMPING, check_natural_args
 
 
@@ -157,6 +158,7 @@ class GaLoreAdamW(GaLoreOptimizerBase):
     """
 
     SPLIT_STEP = True  # lowrank_direction + apply_lowrank_direction
+    ROW_SHARDS = True  # element-wise moments of the projected rows: steps on FSDP2 shards
 
     def __init__(
         self,
@@ -215,7 +217,7 @@ class GaLoreAdamW(GaLoreOptimizerBase):
         beta1, beta2 = group["betas"]
         galore = "rank" in group
         galore_adamw(
-            [p],
+            [local(p)],  # an FSDP2 shard steps on its own rows (low_grad is theirs)
             [low_grad.to(state["exp_avg"].dtype)],
             [state["exp_avg"]],
             [state["exp_avg_sq"]],

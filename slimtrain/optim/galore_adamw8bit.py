@@ -19,6 +19,7 @@ from . import bf16_weights
 from .adamw8bit import SKIPPED, has_8bit_moments, init_8bit_moments, load_8bit_moments
 from .galore_adamw import galore_adamw
 from .galore_base import GaLoreOptimizerBase
+from .shards import is_sharded, local
 
 
 def galore_adamw8bit(
@@ -109,6 +110,8 @@ class GaLoreAdamW8bit(GaLoreOptimizerBase):
     to the kernels' PyTorch twins, which it falls back to) as well as CUDA (Triton).
     """
 
+    ROW_SHARDS = True  # 8-bit blocks on each FSDP2 shard's projected rows (see block_size below)
+
     def __init__(
         self,
         params,
@@ -142,7 +145,10 @@ class GaLoreAdamW8bit(GaLoreOptimizerBase):
         if "step" not in state:
             state["step"] = torch.tensor(0.0)
         if not has_8bit_moments(state) and "exp_avg" not in state:
-            if low_grad.numel() >= group["min_8bit_size"]:
+            numel = low_grad.numel()
+            if is_sharded(p):  # decide by the whole tensor's size, so every world size decides alike
+                numel = numel // max(local(p).shape[0], 1) * p.shape[0]
+            if numel >= group["min_8bit_size"]:
                 init_8bit_moments(state, low_grad, group["block_size"])
             else:
                 state["exp_avg"] = torch.zeros_like(low_grad, dtype=torch.float32)
@@ -152,8 +158,13 @@ class GaLoreAdamW8bit(GaLoreOptimizerBase):
         hyper = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
                      correct_bias=group["correct_bias"], scale=group["scale"] if "rank" in group else 1.0)
         if not bf16_weights.wants_rounding(p, group.get("stochastic_rounding", False)):
-            self._step_tensor(p, low_grad, state, group, left, right, hyper)
+            self._step_tensor(local(p), low_grad, state, group, left, right, hyper)
             return
+        if is_sharded(p):
+            # the rounding noise is drawn per tensor, not per global element: shards would not
+            # follow one process. FSDP2 keeps fp32 sharded masters (train.bf16 computes in bf16).
+            raise ValueError("stochastic_rounding=True with bf16 FSDP2 shards: keep fp32 sharded parameters "
+                             "(FSDP2's MixedPrecisionPolicy computes in bf16) and stochastic_rounding=False")
         seed = bf16_weights.rounding_seed(group.get("proj_seed", 0), self._param_index(p), int(state["step"]) + 1)
         if has_8bit_moments(state) and left is None and right is None:
             # element-wise tensors (embeddings, head): fp32 one chunk at a time

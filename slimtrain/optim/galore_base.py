@@ -9,6 +9,7 @@ A subclass supplies only ``_init_state`` (its moments, shaped like the gradient 
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any, Callable
 
@@ -17,7 +18,9 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import projector as proj
+from . import row_shards
 from .natural import NATURAL_DEFAULT_DAMPING, check_natural_args, natural_gradient
+from .shards import is_sharded, local
 from .spec import OptimizerSpec
 from .state_checks import check_params_supported, check_state_dict, mark
 from .state_dtypes import restore_state_dtypes
@@ -58,16 +61,25 @@ class GaLoreOptimizerBase(Optimizer):
     # projector and the step count that decides when it is refreshed.
     REPLICATED_STATE: tuple[str, ...] = ("proj_", "step")
     SPLIT_STEP = False  # subclasses whose step splits into direction + apply say so
+    # Subclasses whose ``_update`` steps on a plain local tensor (element-wise moments on the
+    # projected rows) run on FSDP2's row-sharded DTensors (see slimtrain.optim.row_shards)
+    ROW_SHARDS = False
 
     @classmethod
-    def spec_for(cls, layerwise: bool = False) -> OptimizerSpec:
-        """The spec of an instance built with ``layerwise`` (the registry declares it before building)."""
+    def spec_for(cls, layerwise: bool = False, natural: bool = False) -> OptimizerSpec:
+        """The spec of an instance built with ``layerwise`` (and Natural GaLore's history when
+        ``natural``); the registry declares it before building."""
+        # Natural GaLore's Fisher solve needs the whole low-rank gradient: no row shards
+        row_shards = cls.ROW_SHARDS and not natural
         return OptimizerSpec(layerwise_capable=True, layerwise=bool(layerwise), whole_matrices=True,
-                             lowrank_grads=True, split_step=cls.SPLIT_STEP, replicated_state=cls.REPLICATED_STATE)
+                             lowrank_grads=True, split_step=cls.SPLIT_STEP, replicated_state=cls.REPLICATED_STATE,
+                             dtensor_params=row_shards, local_shard_state=row_shards)
 
     @property
     def spec(self) -> OptimizerSpec:
-        return self.spec_for(self.layerwise)
+        if any(g.get("natural_history", 0) for g in self.param_groups):
+            return self.spec_for(self.layerwise, natural=True)
+        return self.spec_for(self.layerwise)  # subclasses without Natural GaLore take layerwise only
 
     def lowrank_step(self) -> "GaLoreOptimizerBase":
         """The object implementing :class:`~slimtrain.optim.spec.LowRankStep`: this optimizer."""
@@ -167,26 +179,33 @@ class GaLoreOptimizerBase(Optimizer):
     def refresh_projector(self, p: Tensor, full_grad: Tensor, group: dict) -> None:
         """Recompute the projector of ``p`` from its full gradient (keeps the old one on failure)."""
         state = self.state[p]
-        shape = tuple(proj.as_matrix(p).shape)
-        side = proj.projection_side(shape, group["proj_type"])
+        shape = _matrix_shape(p)
+        side = self._projection_side(p, group)
         rank = proj.effective_rank(group["rank"], shape, side)
         if rank < group["rank"] and "proj_rank_clamped" not in state:
             proj.warn_rank_clamped(group["rank"], rank, shape)
             state["proj_rank_clamped"] = torch.tensor(rank)
         step = int(state["step"]) if "step" in state else 0
-        generator = None
-        if group["proj_method"] == "randomized":
-            generator = torch.Generator(device=full_grad.device)
-            generator.manual_seed(proj.projector_seed(group["proj_seed"], self._param_index(p), step))
-        result = proj.compute_projector(
-            full_grad,
-            rank,
-            side,
-            method=group["proj_method"],
-            oversample=group["oversample"],
-            power_iters=group["power_iters"],
-            generator=generator,
-        )
+        seed = proj.projector_seed(group["proj_seed"], self._param_index(p), step)
+        if is_sharded(p):  # FSDP2 row shards: a collective, every rank gets the same projector
+            right = row_shards.right_projector_of_rows(full_grad, rank, method=group["proj_method"],
+                                                       oversample=group["oversample"],
+                                                       power_iters=group["power_iters"], seed=seed)
+            result = None if right is None else (None, right)
+        else:
+            generator = None
+            if group["proj_method"] == "randomized":
+                generator = torch.Generator(device=full_grad.device)
+                generator.manual_seed(seed)
+            result = proj.compute_projector(
+                full_grad,
+                rank,
+                side,
+                method=group["proj_method"],
+                oversample=group["oversample"],
+                power_iters=group["power_iters"],
+                generator=generator,
+            )
         if result is None:
             if "proj_left" in state or "proj_right" in state:
                 warnings.warn(
@@ -200,40 +219,60 @@ class GaLoreOptimizerBase(Optimizer):
                 "starting from a coordinate projector",
                 stacklevel=3,
             )
-            result = proj.fallback_projector(shape, rank, side, full_grad.device)
+            result = proj.fallback_projector(shape, rank, side, local(full_grad).device)
         left, right = result
         for key, value in (("proj_left", left), ("proj_right", right)):
             if value is not None:
                 state[key] = value
         self.count_refresh(p)
 
+    def _projection_side(self, p: Tensor, group: dict) -> str:
+        if not is_sharded(p):
+            return proj.projection_side(_matrix_shape(p), group["proj_type"])
+        # a row shard: only a right projector (r x n, applied from the right) keeps every step
+        # row-local; "std" means "the usual side", and on row shards that is the right one
+        if group["proj_type"] not in ("std", "right"):
+            raise ValueError(
+                f"proj_type={group['proj_type']!r} on an FSDP2 row-sharded weight of shape {tuple(p.shape)}: a left "
+                "projector mixes the rows other ranks hold. Use proj_type='right' (or 'std', which takes the right "
+                "projector on row shards)")
+        return "right"
+
     def to_optimizer_space(self, p: Tensor, grad: Tensor, group: dict) -> Tensor:
-        """The gradient the moments see: projected for rank groups (refreshing if due)."""
+        """The gradient the moments see: projected for rank groups (refreshing if due). For an
+        FSDP2 shard, the local rows' part (the refresh is collective)."""
         if "rank" not in group:
-            return grad
+            return local(grad)
         self._check_shape(p, group)
         state = self.state[p]
         if self._needs_refresh(state, group) or ("proj_left" not in state and "proj_right" not in state):
             self.refresh_projector(p, grad, group)
-        return proj.project(grad, state.get("proj_left"), state.get("proj_right"))
+        return proj.project(local(grad), state.get("proj_left"), state.get("proj_right"))
 
     @staticmethod
-    def _clip(grad: Tensor, max_norm: float | None) -> Tensor:
+    def _clip(grad: Tensor, max_norm: float | None, like: Tensor | None = None) -> Tensor:
         # Per-tensor clipping of the gradient the optimizer state sees. A global norm would need
         # every gradient before any update, which layer-wise mode cannot have; per-tensor clipping
-        # is identical in both modes, so the two trajectories stay equal.
+        # is identical in both modes, so the two trajectories stay equal. On an FSDP2 shard the
+        # norm is the whole tensor's (one scalar all-reduce), so N ranks clip as one process.
         if max_norm is None:
             return grad
-        norm = torch.linalg.vector_norm(grad.float())
+        if like is not None and is_sharded(like):
+            norm = row_shards.global_norm(grad, like)
+        else:
+            norm = torch.linalg.vector_norm(grad.float())
         return grad * (max_norm / (norm + 1e-6)).clamp(max=1.0).to(grad.dtype)
 
     def _precondition(self, p: Tensor, low: Tensor, group: dict) -> Tensor:
         """Clip, then (Natural GaLore, rank groups with ``natural_history > 0``) apply the inverse
         empirical Fisher of the last ``natural_history`` low-rank gradients: what the moments see."""
-        low = self._clip(low, group["max_grad_norm"])
+        low = self._clip(low, group["max_grad_norm"], p)
         history = group.get("natural_history", 0)  # .get: checkpoints from before the option
         if "rank" not in group or not history:
             return low
+        if is_sharded(p):
+            raise ValueError("natural_history > 0 (Natural GaLore) on an FSDP2 row-sharded weight: its Fisher "
+                             "solve needs the whole low-rank gradient on one rank; use dist.engine=torch or ddp")
         state = self.state[p]
         if "nat_history" not in state:
             dtype = torch.float32 if low.dtype in (torch.float16, torch.bfloat16) else low.dtype
@@ -379,7 +418,7 @@ class GaLoreOptimizerBase(Optimizer):
         )
         if lowrank_accumulate:
             self._check_shape(p, group)
-            low = proj.project(self._grad(p), state.get("proj_left"), state.get("proj_right"))
+            low = proj.project(local(self._grad(p)), state.get("proj_left"), state.get("proj_right"))
             if "grad_acc" in state:
                 state["grad_acc"].add_(low)
             else:
@@ -402,7 +441,11 @@ class GaLoreOptimizerBase(Optimizer):
             for t in (acc, self._grad(p)):
                 if t is not None:
                     self.grad_reducer(t)
-        if not all(bool(torch.isfinite(t).all()) for t in (acc, p.grad) if t is not None):
+        finite = all(bool(torch.isfinite(local(t)).all()) for t in (acc, p.grad) if t is not None)
+        if is_sharded(p):  # a NaN lands in one rank's rows: every rank must refuse the tensor alike
+            flag = torch.tensor([float(finite)], device=local(p).device)
+            finite = bool(row_shards.all_reduce_sum(flag, p) == row_shards.shard_count(p))
+        if not finite:
             # a NaN/Inf piece (already reduced over ranks, so every rank decides alike) is refused,
             # never applied; the trainer reads the counter and treats the step as skipped
             self.nonfinite_refused += 1
@@ -410,7 +453,7 @@ class GaLoreOptimizerBase(Optimizer):
             return
         if acc is not None:
             if self._grad(p) is not None:  # mixed: an earlier micro-batch was full-rank
-                acc = acc + proj.project(self._grad(p), state.get("proj_left"), state.get("proj_right"))
+                acc = acc + proj.project(local(self._grad(p)), state.get("proj_left"), state.get("proj_right"))
             self._update(p, self._precondition(p, acc, group), state, group)
         elif self._grad(p) is not None:
             self._apply(p, self._grad(p), group)
@@ -435,3 +478,8 @@ class GaLoreOptimizerBase(Optimizer):
             # Gradients are consumed by the hooks; clearing here would drop the accumulation.
             return
         super().zero_grad(set_to_none=set_to_none)
+
+
+def _matrix_shape(p: Tensor) -> tuple[int, int]:
+    """(m, n) of ``p`` seen as a matrix (conv weights: (out, in*kh*kw)); a DTensor's global shape."""
+    return p.shape[0], math.prod(p.shape[1:])

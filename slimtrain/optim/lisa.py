@@ -96,9 +96,13 @@ class LISA(Optimizer):
         *,
         param_groups: list[dict] | None = None,
         optimizer: Optimizer | None = None,
+        inner_spec: OptimizerSpec | None = None,
         **optimizer_kwargs: Any,
     ):
         self.model = model
+        # what the inner optimizer can do, when its builder knows more than the instance declares
+        # (the registry's "adamw" is torch's AdamW, which declares nothing but steps on DTensors)
+        self._inner_spec = inner_spec
         self.layers_path, self.layers = _resolve_layers(model, layers)
         if not isinstance(n_active, int) or not 1 <= n_active <= len(self.layers):
             raise ValueError(
@@ -187,11 +191,14 @@ class LISA(Optimizer):
     def spec_over(inner: OptimizerSpec) -> OptimizerSpec:
         """LISA's spec over an inner optimizer with spec ``inner``: the inner optimizer's needs, but
         never layer-wise (LISA steps after backward), and the trained tensors change each period."""
-        return inner.with_(layerwise_capable=False, layerwise=False, changes_trainable=True, dtensor_params=False)
+        return inner.with_(layerwise_capable=False, layerwise=False, changes_trainable=True,
+                           # under FSDP2 the inner state is created per shard; LISA's own is a
+                           # seed, a counter and the active set, the same on every rank
+                           local_shard_state=inner.local_shard_state or inner.dtensor_params)
 
     @property
     def spec(self) -> OptimizerSpec:
-        return self.spec_over(spec_of(self.optimizer))
+        return self.spec_over(self._inner_spec if self._inner_spec is not None else spec_of(self.optimizer))
 
     def lowrank_step(self):
         """The inner optimizer's :class:`~slimtrain.optim.spec.LowRankStep` (its spec says whether it has one)."""

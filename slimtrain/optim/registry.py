@@ -104,6 +104,12 @@ def _layerwise_spec(cls) -> SpecRule:
     return lambda kwargs: cls.spec_for(layerwise=kwargs.get("layerwise", False))
 
 
+def _galore_spec(cls, natural: bool = False) -> SpecRule:
+    """A GaLore class's spec for ``kwargs``: layer-wise if asked, Natural GaLore if a history is given."""
+    return lambda kwargs: cls.spec_for(layerwise=kwargs.get("layerwise", False),
+                                       natural=natural or bool(kwargs.get("natural_history", 0)))
+
+
 def _lisa_spec(kwargs: dict) -> OptimizerSpec:
     inner = kwargs.get("inner", "adamw")
     inner_kwargs = {k: v for k, v in kwargs.items() if k not in ("inner", "n_active", "interval", "always_active",
@@ -120,7 +126,7 @@ def _lisa(model: nn.Module, inner: str = "adamw", n_active: int = 2, interval: i
         raise ValueError(f"inner={inner!r} cannot be wrapped by LISA; use a gradient optimizer such as 'adamw'")
     optimizer = build_optimizer(inner, model, **inner_kwargs)
     return LISA(model, n_active=n_active, interval=interval, always_active=always_active, layers=layers, seed=seed,
-                optimizer=optimizer)
+                optimizer=optimizer, inner_spec=optimizer_spec(inner, **inner_kwargs))
 
 
 def _qgalore(model: nn.Module, weight_bits: int = 8, weight_group_size: int = 256, exclude=("lm_head",),
@@ -142,11 +148,11 @@ def _qgalore(model: nn.Module, weight_bits: int = 8, weight_group_size: int = 25
 OPTIMIZERS: dict[str, Entry] = {
     # torch's AdamW declares nothing; its foreach step is carried by DTensor dispatch (FSDP2)
     "adamw": Entry(_plain(torch.optim.AdamW), PLAIN.with_(dtensor_params=True)),
-    "galore_adamw": Entry(_galore_factory(GaLoreAdamW), _layerwise_spec(GaLoreAdamW)),
-    "natural_galore_adamw": Entry(_natural_galore_adamw, _layerwise_spec(GaLoreAdamW)),
-    "galore_adafactor": Entry(_galore_factory(GaLoreAdafactor), _layerwise_spec(GaLoreAdafactor)),
+    "galore_adamw": Entry(_galore_factory(GaLoreAdamW), _galore_spec(GaLoreAdamW)),
+    "natural_galore_adamw": Entry(_natural_galore_adamw, _galore_spec(GaLoreAdamW, natural=True)),
+    "galore_adafactor": Entry(_galore_factory(GaLoreAdafactor), _galore_spec(GaLoreAdafactor)),
     "adamw8bit": Entry(_plain(AdamW8bit), _layerwise_spec(AdamW8bit)),
-    "galore_adamw8bit": Entry(_galore_factory(GaLoreAdamW8bit), _layerwise_spec(GaLoreAdamW8bit)),
+    "galore_adamw8bit": Entry(_galore_factory(GaLoreAdamW8bit), _galore_spec(GaLoreAdamW8bit)),
     "apollo_adamw": Entry(_apollo_factory(APOLLOAdamW, rank=256, scale=1.0, scale_type="channel"), APOLLOAdamW.spec),
     "apollo_mini": Entry(_apollo_factory(APOLLOMini, rank=1, scale=128.0, scale_type="tensor"), APOLLOMini.spec),
     "apollo_adamw8bit": Entry(_apollo_factory(APOLLOAdamW8bit, rank=256, scale=1.0, scale_type="channel"),

@@ -17,4 +17,17 @@ def local(t: Tensor) -> Tensor:
     return t.to_local() if is_sharded(t) else t
 
 
-__all__ = ["is_sharded", "local"]
+def row_range(t: Tensor) -> tuple[int, int]:
+    """``(first, end)``: the rows of the whole tensor that this process holds (all of them for a
+    plain tensor; FSDP2's ``Shard(0)``: a contiguous block, possibly empty)."""
+    if not is_sharded(t):
+        return 0, t.shape[0] if t.dim() else 1
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+    if any(o != 0 for o in offset[1:]):
+        raise ValueError(f"expected a DTensor sharded on dim 0, got placements {tuple(t.placements)}")
+    return int(offset[0]), int(offset[0]) + int(shape[0])
+
+
+__all__ = ["is_sharded", "local", "row_range"]

@@ -67,7 +67,7 @@ def _seen_shape(p: Tensor, group: dict, st: dict) -> tuple[int, ...]:
     left, right = _proj_shape(st, "proj_left"), _proj_shape(st, "proj_right")
     if "rank" not in group or p.dim() < 2 or (left is None and right is None):
         return tuple(local(p).shape)  # an FSDP2 shard keeps moments for the rows it holds
-    m, n = p.shape[0], p[0].numel()
+    m, n = local(p).shape[0], math.prod(p.shape[1:])  # an FSDP2 shard: its own rows
     rows = left[1] if left is not None else m
     cols = right[0] if right is not None else n
     return (rows, cols)
@@ -78,7 +78,7 @@ def _param_problem(p: Tensor, group: dict, st: dict, block_size: int | None, min
         if torch.is_tensor(value) and value.is_complex():
             return f"state {key!r} is complex"
     if "rank" in group and p.dim() >= 2:
-        m, n = p.shape[0], p[0].numel()
+        m, n = p.shape[0], math.prod(p.shape[1:])
         left, right = _proj_shape(st, "proj_left"), _proj_shape(st, "proj_right")
         if left is not None and (len(left) != 2 or left[0] != m):
             return f"proj_left has shape {left}, expected ({m}, r) for a ({m}, {n}) weight"
@@ -86,8 +86,8 @@ def _param_problem(p: Tensor, group: dict, st: dict, block_size: int | None, min
             return f"proj_right has shape {right}, expected (r, {n}) for a ({m}, {n}) weight"
     shape = _seen_shape(p, group, st)
     for key in _MOMENTS:
-        if key in st and tuple(st[key].shape) != shape:
-            return f"state {key!r} has shape {tuple(st[key].shape)}, expected {shape}"
+        if key in st and tuple(local(st[key]).shape) != shape:  # DTensor state: its shard, like the param's
+            return f"state {key!r} has shape {tuple(local(st[key]).shape)}, expected {shape}"
     for key in _CODES:
         if key in st and st[key].is_floating_point():
             return f"state {key!r} has dtype {st[key].dtype}, expected 8-bit integer codes"

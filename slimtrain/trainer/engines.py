@@ -42,6 +42,7 @@ import os
 import torch
 
 from ..optim.shards import local
+from ..optim.row_state import state_for_rows
 from ..optim.spec import OptimizerSpec, lowrank_step_of
 from ..parallel.comm import Comm
 from ..parallel.data_parallel import DataParallelOptimizer
@@ -120,19 +121,24 @@ def check_combination(cfg: Config, spec: OptimizerSpec, say) -> None:
             raise ConfigError(f"dist.engine='ddp' with optim.name={name!r}: its INT8 weights' gradients live outside "
                               "torch's parameters, where DDP does not reduce them; use dist.engine=torch")
     if cfg.dist.engine == "fsdp":
-        if spec.layerwise or not spec.dtensor_params or spec.changes_trainable:
+        if not spec.dtensor_params:
             raise ConfigError(
-                f"dist.engine='fsdp' with optim.name={name!r}: FSDP2 hands the optimizer DTensor shards of "
-                "every weight, and this optimizer does not declare that it steps on them (spec dtensor_params; "
-                "today: adamw, adamw8bit, mezo). Use dist.engine=torch (with dist.zero_stage=1|2 to shard optimizer state by "
-                "whole tensors) or dist.engine=ddp")
+                f"dist.engine='fsdp' with optim.name={name!r}"
+                + (" and optim.args.layerwise=True" if spec.layerwise else "")
+                + ": FSDP2 hands the optimizer DTensor shards of every weight, and this optimizer does not declare "
+                "that it steps on them (spec dtensor_params; today: adamw, adamw8bit, galore_adamw, "
+                "galore_adamw8bit (layer-wise too), lisa over those, mezo). "
+                + ("Q-GaLore's INT8 weights are not nn.Parameters FSDP2 can shard: use galore_adamw8bit under "
+                   "FSDP2, or qgalore_adamw8bit with dist.engine=torch. " if spec.rewrites_model else "")
+                + "Use dist.engine=torch (with dist.zero_stage=1|2 to shard optimizer state by whole tensors) or "
+                "dist.engine=ddp")
         if stage > 0:
             raise ConfigError(f"dist.engine='fsdp' with dist.zero_stage={stage}: FSDP2 shards weights, gradients "
                               "and optimizer state itself; leave dist.zero_stage=0")
     if cfg.dist.engine == "ddp" and spec.zeroth_order:
         say(f"note: {name} is zeroth-order (no backward): it runs on the plain model, one loss all-reduce per "
             "evaluation; DDP has nothing to add")
-    if spec.layerwise and (cfg.dist.engine in ("deepspeed", "ddp") or stage > 0):
+    if spec.layerwise and (cfg.dist.engine in ("deepspeed", "ddp") or stage > 0) and cfg.dist.engine != "fsdp":
         raise ConfigError(f"optim.args.layerwise=True with dist.engine={cfg.dist.engine!r} "
                           f"dist.zero_stage={stage}: the layer-wise mode updates each weight inside "
                           "backward, right after averaging its gradient over ranks itself; use "
@@ -371,28 +377,85 @@ class FSDPEngine(Engine):
     """FSDP2: the model was sharded by :func:`slimtrain.parallel.fsdp.shard_model` before the
     optimizer was built, so the optimizer steps on local shards. Gradients are reduce-scattered
     (averaged) during the last micro-batch's backward; clipping uses torch's DTensor-aware
-    ``clip_grad_norm_`` (the global norm over all shards)."""
+    ``clip_grad_norm_`` (the global norm over all shards). For GaLore matrices the gradient rows are projected before clipping (refreshing projectors where due, a
+    collective, see :mod:`slimtrain.optim.row_shards`), so clipping sees what the optimizer will
+    apply, as on ``dist.engine=torch`` and ``ddp``.
+
+    A layer-wise optimizer updates each shard in its post-accumulate-grad hook, which FSDP2 runs
+    on the sharded parameter right after the reduce-scatter: every micro-batch syncs then (the
+    optimizer accumulates, projected for GaLore matrices, and counts micro-batches itself), so
+    no unsharded gradient outlives its layer's backward. Clipping is then the optimizer's
+    per-tensor ``max_grad_norm`` (the whole gradient never exists)."""
 
     name = "fsdp"
 
+    def __init__(self, model, optimizer, spec, dist, grad_accum: int):
+        super().__init__(model, optimizer, spec, dist)
+        if spec.layerwise and optimizer.accumulation_steps != grad_accum:
+            raise ConfigError(f"optim.args.accumulation_steps must equal train.grad_accum={grad_accum} for a "
+                              "layer-wise optimizer")
+        self._refused_before = 0
+        self.lowrank = lowrank_step_of(optimizer) if not spec.layerwise else None
+
+    def begin_step(self) -> None:
+        if self.spec.layerwise:
+            self._refused_before = self.optimizer.nonfinite_refused
+
     def before_forward(self, last: bool) -> None:
-        self.model.set_requires_gradient_sync(last)  # earlier micro-batches accumulate locally
+        # earlier micro-batches accumulate locally; a layer-wise optimizer consumes every one
+        self.model.set_requires_gradient_sync(last or self.spec.layerwise)
 
     def _params(self) -> list[torch.Tensor]:
         return [p for g in self.optimizer.param_groups for p in g["params"]]
 
     @torch.no_grad()
     def apply(self, max_grad_norm: float) -> tuple[float, bool]:
+        if self.spec.layerwise:  # updated inside backward; step() flushes stragglers
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            return float("nan"), self.optimizer.nonfinite_refused == self._refused_before
         grads = [p.grad for p in self._params() if p.grad is not None]
         ok = all(bool(torch.isfinite(local(g)).all()) for g in grads)
         if not all_ranks_agree(ok, self.dist.device):
             self.discard()
             return float("nan"), False
-        norm = torch.nn.utils.clip_grad_norm_(self._params(), max_grad_norm if max_grad_norm > 0 else float("inf"))
-        norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        # GaLore matrices: project each rank's gradient rows first (refreshing the projector where
+        # due, a collective on the shards), so clipping sees what the optimizer applies, as on
+        # dist.engine=torch and ddp; the step then needs no communication
+        projected = {}
+        if self.lowrank is not None:
+            for p, group in self.lowrank.lowrank_params():
+                if p.grad is None:
+                    continue
+                if self.lowrank.needs_refresh(p):
+                    self.lowrank.refresh_projector(p, p.grad, group)
+                projected[p] = self.lowrank.project_grad(p, local(p.grad))
+                p.grad = None
+        if not projected:  # torch's DTensor-aware clipping: the global norm over every shard
+            norm = torch.nn.utils.clip_grad_norm_(self._params(), max_grad_norm if max_grad_norm > 0 else float("inf"))
+            norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        else:
+            norm = self._clip_with_projected(list(projected.values()), max_grad_norm)
+        for p, low in projected.items():
+            self.lowrank.set_projected_grad(p, low)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return norm, True
+        return float(norm), True
+
+    def _clip_with_projected(self, projected: list[torch.Tensor], max_grad_norm: float) -> torch.Tensor:
+        """Clip the full gradients' shards and the projected rows together; returns the norm."""
+        pieces = [local(p.grad) for p in self._params() if p.grad is not None] + projected
+        # every tensor is a dim-0 shard: each tensor's squared norm is the sum of its shards' (one
+        # all-reduce of a vector), then the norm of the per-tensor norms, as torch computes it
+        sq = torch.stack([torch.linalg.vector_norm(t.float()) ** 2 for t in pieces]).to(self.dist.device)
+        if self.dist.world > 1:
+            torch.distributed.all_reduce(sq)
+        norm = torch.linalg.vector_norm(sq.sqrt())
+        if max_grad_norm > 0:
+            coef = (max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
+            for t in pieces:
+                t.mul_(coef.to(t.device, t.dtype))
+        return norm
 
     def after_forward_without_backward(self) -> None:
         # a no-grad forward may leave modules unsharded (the root, the last layer); the optimizer
@@ -426,7 +489,7 @@ class FSDPEngine(Engine):
         if self.spec.zeroth_order:  # seeds and a generator, the same on every rank: no per-tensor state
             optim = self.optimizer.state_dict()
         elif self.spec.local_shard_state:  # plain tensors of each rank's shard (8-bit blocks): one file per rank
-            return {"model_state": model, "optim_state": None, "rank_files": {"optim": self.optimizer.state_dict()}}
+            return {"model_state": model, "optim_state": None, "rank_files": {"optim": _local_tree(self.optimizer.state_dict())}}
         else:
             optim = get_optimizer_state_dict(self.model, self.optimizer, options=self._options())
         return {"model_state": model, "optim_state": optim}
@@ -442,15 +505,62 @@ class FSDPEngine(Engine):
         set_model_state_dict(self.model, ckpt.load_file(path, "model.pt"), options=options)
         if self.spec.local_shard_state:
             shards = ckpt.load_rank_files(path, "optim")
-            if len(shards) != self.dist.world:
-                raise ConfigError(f"{path!r} holds the optimizer's state as {len(shards)} per-rank shard files "
-                                  f"(8-bit blocks on each rank's rows); resume it on {len(shards)} ranks (re-blocking "
-                                  "for another world size is not built)")
-            self.optimizer.load_state_dict(shards[self.dist.rank])
+            if len(shards) == self.dist.world:  # the same rows on every rank: bit-exact
+                mine = shards[self.dist.rank]
+            else:  # rows re-cut (8-bit moments re-blocked) for this world size
+                mine = state_for_rows(self.optimizer, shards)
+            self.optimizer.load_state_dict(_dtensor_tree(mine, self.optimizer))
         elif self.spec.zeroth_order:
             self.optimizer.load_state_dict(ckpt.load_file(path, "optim.pt"))
         else:
             set_optimizer_state_dict(self.model, self.optimizer, ckpt.load_file(path, "optim.pt"), options=options)
+
+
+_DTENSOR_KEYS = "fsdp_dtensor_keys"
+
+
+def _local_tree(state_dict: dict) -> dict:
+    """An optimizer state_dict whose DTensor state (e.g. LISA's inner AdamW moments) is replaced
+    by this rank's local shard, plain tensors that ``torch.load(weights_only=True)`` reads; the
+    (param index, key) pairs that were DTensors are listed so a load can rebuild them."""
+    from ..optim.shards import is_sharded
+    from ..optim.spec import per_parameter_state
+
+    def copied(sd: dict) -> dict:  # new dicts down to each parameter's (the live state stays as it is)
+        sd = dict(sd)
+        if "state" in sd and "param_groups" in sd:
+            sd["state"] = {i: dict(st) for i, st in sd["state"].items()}
+        else:
+            sd["optimizer"] = copied(sd["optimizer"])
+        return sd
+
+    out = copied(state_dict)
+    marked = []
+    for index, st in per_parameter_state(out).items():
+        for key, value in st.items():
+            if is_sharded(value):
+                st[key] = local(value)
+                marked.append([index, key])
+    out[_DTENSOR_KEYS] = marked
+    return out
+
+
+def _dtensor_tree(saved: dict, optimizer) -> dict:
+    """The inverse of :func:`_local_tree` on this rank: the listed local shards become DTensors
+    laid out like their parameters again."""
+    from torch.distributed.tensor import DTensor
+
+    from ..optim.spec import per_parameter_state
+
+    saved = dict(saved)
+    marked = saved.pop(_DTENSOR_KEYS, [])
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    state = per_parameter_state(saved)
+    for index, key in marked:
+        p = params[index]
+        state[index][key] = DTensor.from_local(state[index][key], p.device_mesh, p.placements, shape=p.shape,
+                                               stride=p.stride())
+    return saved
 
 
 def _refuse_fsdp_checkpoint(path: str, saved_cfg: dict) -> None:
@@ -540,7 +650,7 @@ def build_engine(cfg: Config, model, optimizer, spec: OptimizerSpec, dist: Distr
     if kind == "deepspeed":
         return DeepSpeedEngine(model, optimizer, spec, dist, cfg)
     if kind == "fsdp":
-        return FSDPEngine(model, optimizer, spec, dist)
+        return FSDPEngine(model, optimizer, spec, dist, cfg.train.grad_accum)
     if kind == "ddp" and dist.world > 1:  # one rank: nothing to synchronise, the plain path is the same
         return DDPEngine(model, optimizer, spec, dist, cfg.dist.lowrank_sync)
     return DataParallelEngine(model, optimizer, spec, dist, cfg.dist.zero_stage, cfg.dist.lowrank_sync)

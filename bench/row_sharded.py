@@ -3,7 +3,7 @@
 Three ways for N ranks that each hold rows ``G[k]`` (m/N, n) of a gradient to agree on its
 top-r right singular subspace ``P`` (r, n):
 
-* ``range finder``: ``slimtrain.parallel.row_sharded.distributed_right_projector``: all-reduce
+* ``range finder``: ``slimtrain.optim.row_shards.distributed_right_projector``: all-reduce
   (power_iters + 1) sketches ``G[k]^T (G[k] Z)`` of (n, r + p); QR / Rayleigh-Ritz locally;
 * ``all-gather G``: what a GaLore that needs whole gradients would do under FSDP: gather the
   (m, n) gradient, then run the same randomized range finder on it locally;
@@ -43,7 +43,7 @@ from projector import real_gradients  # noqa: E402
 
 from slimtrain.optim import projector as proj  # noqa: E402
 from slimtrain.parallel import Comm  # noqa: E402
-from slimtrain.parallel.row_sharded import distributed_right_projector, refresh_bytes  # noqa: E402
+from slimtrain.optim.row_shards import distributed_right_projector, range_finder_bytes as refresh_bytes  # noqa: E402
 
 OVERSAMPLE, POWER_ITERS = 8, 2
 DIVISORS = (1, 4, 16)  # energy at rank r / d
@@ -57,7 +57,7 @@ def _rows(g, rank, world):
 
 def _refresh(method, rows, r, comm, world):
     if method == "range finder":
-        return distributed_right_projector(rows, r, comm, oversample=OVERSAMPLE, power_iters=POWER_ITERS, seed=0)
+        return distributed_right_projector(rows, r, comm.all_reduce, oversample=OVERSAMPLE, power_iters=POWER_ITERS, seed=0)
     if method == "all-gather G":
         full = torch.empty(rows.shape[0] * world, rows.shape[1])
         comm.bytes["all_gather"] += full.numel() * full.element_size()
@@ -88,7 +88,7 @@ def _worker(rank, world, port, grads, ranks, repeat, out_dir):
             out[key, method] = {"seconds": best, "bytes": comm.total_bytes()}
         # projectors for the energy columns: the paper's rank (the timed refresh), rank / 4, rank / 16
         for div in DIVISORS:
-            out[key, f"p/{div}"] = distributed_right_projector(rows, ranks[key] // div, comm, oversample=OVERSAMPLE,
+            out[key, f"p/{div}"] = distributed_right_projector(rows, ranks[key] // div, comm.all_reduce, oversample=OVERSAMPLE,
                                                                power_iters=POWER_ITERS, seed=0)
     torch.save(out, os.path.join(out_dir, f"{rank}.pt"))
     dist.barrier()

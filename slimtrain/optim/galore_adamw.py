@@ -6,8 +6,6 @@ Zhao et al., "GaLore: Memory-Efficient LLM Training by Gradient Low-Rank Project
 from __future__ import annotations
 
 import math
-from typing import Callable
-
 import torch
 from torch import Tensor
 
@@ -82,41 +80,6 @@ def apply_direction(param: Tensor, norm_grad: Tensor, left: Tensor | None, right
     param.add_(norm_grad.to(param.dtype), alpha=-step_size)
     if weight_decay > 0.0:
         param.add_(param, alpha=-lr * weight_decay)
-
-
-def galore_adamw_right_step(param: Tensor, grad: Tensor, state: dict,
-                            refresh: Callable[[Tensor, int, int], Tensor | None], *, rank: int, update_proj_gap: int,
-                            lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
-                            weight_decay: float = 0.0, correct_bias: bool = True, scale: float = 1.0,
-                            proj_seed: int = 0, param_index: int = 0) -> None:
-    """One :class:`GaLoreAdamW` step with a *right* projector, on ``GaLoreAdamW``'s per-tensor
-    ``state``, where the projector refresh is ``refresh(grad, r, seed)`` (None: keep the old one).
-
-    With a right projector every piece is row-local, so ``param`` / ``grad`` may be a row shard
-    of the matrix and ``refresh`` a distributed range finder (:mod:`slimtrain.parallel.row_sharded`);
-    the refresh rule and the probe seed (``projector_seed(proj_seed, param_index, step)``) are
-    ``GaLoreAdamW``'s with ``proj_method="randomized"``.
-    """
-    step = int(state["step"]) if "step" in state else 0
-    if "step" not in state or step % update_proj_gap == 0 or "proj_right" not in state:
-        n = proj.as_matrix(param).shape[1]
-        r = min(rank, n)  # GaLoreAdamW's clamp for a right projector
-        p = refresh(grad, r, proj.projector_seed(proj_seed, param_index, step))
-        if p is not None:
-            state["proj_right"] = p
-        elif "proj_right" not in state:  # never computed: start from coordinates, as GaLoreAdamW does
-            state["proj_right"] = proj.fallback_projector((n, n), r, "right", grad.device)[1]
-    right = state["proj_right"]
-    low = proj.project(grad, None, right)  # (rows, r)
-    if "exp_avg" not in state:
-        state["exp_avg"] = torch.zeros_like(low)
-        state["exp_avg_sq"] = torch.zeros_like(low)
-    state.setdefault("step", torch.tensor(0.0))
-    beta1, beta2 = betas
-    direction = adam_direction(low, state["exp_avg"], state["exp_avg_sq"], state["step"], beta1=beta1, beta2=beta2,
-                               eps=eps)
-    apply_direction(param, direction, None, right, float(state["step"]), lr=lr, beta1=beta1, beta2=beta2,
-                    weight_decay=weight_decay, correct_bias=correct_bias, scale=scale)
 
 
 class GaLoreAdamW(GaLoreOptimizerBase):

@@ -8,10 +8,13 @@ Engines (``choose_engine``):
   (DeepSpeed has nothing to add without a backward).
 - ``layerwise`` (spec ``layerwise``): each tensor is updated inside backward; under data
   parallelism its gradient is averaged in the hook first (``optimizer.grad_reducer``).
-- ``data_parallel`` (``dist.engine=torch``, every other gradient optimizer, one rank included):
+- ``data_parallel`` (``dist.engine=torch``): at ``dist.zero_stage`` 0 with more than one rank,
+  torch's DDP below whenever it can carry the optimizer (:func:`ddp_carries`); otherwise (LISA,
+  Q-GaLore, whole-tensor ZeRO-1/2 at stages 1/2, one rank)
   :class:`slimtrain.parallel.DataParallelOptimizer` averages gradients after the last
   micro-batch (projected for optimizers with ``lowrank_grads``), clips, and shards state by whole
-  tensors at ``dist.zero_stage`` 1/2.
+  tensors at stages 1/2: the sharding FSDP2 cannot give optimizers that need whole matrices on
+  one rank (Q-GaLore's INT8 weights, APOLLO, Fira, Natural GaLore).
 - ``ddp`` (``dist.engine=ddp``, more than one rank): ``torch.nn.parallel.DistributedDataParallel``
   averages gradients during backward, overlapping communication with compute; for optimizers
   with ``lowrank_grads`` its communication hook
@@ -67,6 +70,13 @@ def choose_engine(cfg: Config, spec: OptimizerSpec) -> str:
     if cfg.dist.engine in ("ddp", "fsdp"):
         return cfg.dist.engine
     return "data_parallel"
+
+
+def ddp_carries(spec: OptimizerSpec) -> bool:
+    """Whether DDP can average this optimizer's gradients: not when the trained set changes
+    between steps (LISA: DDP registers its hooks once) or gradients live outside parameters
+    (Q-GaLore's INT8 weights)."""
+    return not (spec.changes_trainable or spec.external_grads or spec.zeroth_order or spec.layerwise)
 
 
 def routes_around_zero(cfg: Config, spec: OptimizerSpec) -> bool:
@@ -653,7 +663,12 @@ def build_engine(cfg: Config, model, optimizer, spec: OptimizerSpec, dist: Distr
         return FSDPEngine(model, optimizer, spec, dist, cfg.train.grad_accum)
     if kind == "ddp" and dist.world > 1:  # one rank: nothing to synchronise, the plain path is the same
         return DDPEngine(model, optimizer, spec, dist, cfg.dist.lowrank_sync)
+    if kind == "data_parallel" and dist.world > 1 and cfg.dist.zero_stage == 0 and ddp_carries(spec):
+        # replicated state: torch's DDP (with the low-rank hook) averages the gradients during
+        # backward; slimtrain's own data parallelism stays for what DDP cannot carry
+        return DDPEngine(model, optimizer, spec, dist, cfg.dist.lowrank_sync)
     return DataParallelEngine(model, optimizer, spec, dist, cfg.dist.zero_stage, cfg.dist.lowrank_sync)
 
 
-__all__ = ["DDPEngine", "Engine", "FSDPEngine", "build_engine", "check_combination", "choose_engine", "deepspeed_config", "routes_around_zero"]
+__all__ = ["DDPEngine", "Engine", "FSDPEngine", "build_engine", "check_combination", "choose_engine", "ddp_carries",
+           "deepspeed_config", "routes_around_zero"]

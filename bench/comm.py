@@ -1,6 +1,7 @@
 """Bytes and time of full data-parallel optimizer steps: DDP AdamW, ZeRO-2 AdamW (slimtrain's
-whole-tensor sharding and DeepSpeed's), and slimtrain GaLore (low-rank sync, with and without
-sharding), plus per-rank optimizer state and peak RSS.
+whole-tensor sharding and DeepSpeed's), slimtrain GaLore (low-rank sync, with and without
+sharding) and FSDP2 (AdamW, AdamW8bit, GaLore, GaLore 8-bit on row shards), plus per-rank
+weights, optimizer state and peak RSS.
 
 Real gloo processes on this machine (spawned, one torch/OMP thread each), the GaLore paper's
 Llama-60M shapes (``--quick``: a small Llama), random gradients of the right shapes (the bytes
@@ -18,7 +19,14 @@ Every row runs in fresh processes, so each rank's ``ru_maxrss`` is that row's pe
 * ``GaLore``: ``DataParallelOptimizer(GaLoreAdamW(galore_param_groups(model, rank=r)),
   zero_stage=0 or 2)``, on a steady step and on a projector-refresh step (one step in
   ``update_proj_gap``, 200 by default; here the gap is set so that the refresh after the timed
-  steady steps is measured, not the first step).
+  steady steps is measured, not the first step);
+* ``FSDP2 ...``: ``slimtrain.parallel.fsdp.shard_model`` (``fully_shard`` per decoder layer and
+  the root) and the optimizer built on the DTensor shards; gradients from ``backward`` of the
+  synthetic loss ``sum(p**2)/2`` run through each layer's forward (so FSDP2 all-gathers each
+  layer for forward and again for backward, and reduce-scatters its gradient), torch's
+  ``clip_grad_norm_`` (1.0) and the step; a GaLore refresh gathers each gradient to the first
+  rank and broadcasts the (r x n) projector (``slimtrain.optim.row_shards``). Collectives are
+  counted like DeepSpeed's.
 
 Bytes are payload handed to collectives per rank per step (``slimtrain.parallel.Comm``; for
 DeepSpeed's all-gather / reduce-scatter the full gathered / scattered buffer, so that a
@@ -60,6 +68,11 @@ ROWS = {  # key: (label, zero_stage, galore)
     "deepspeed": ("ZeRO-2 AdamW, DeepSpeed", 2, False),
     "galore0": ("GaLore low-rank sync (stage 0)", 0, True),
     "galore2": ("GaLore low-rank sync + sharding (stage 2)", 2, True),
+    # FSDP2 (fully_shard per decoder layer + root): weights, gradients and state sharded by rows
+    "fsdp_adamw": ("FSDP2 AdamW", 3, False),
+    "fsdp_adamw8bit": ("FSDP2 AdamW8bit", 3, False),
+    "fsdp_galore": ("FSDP2 GaLore", 3, True),
+    "fsdp_galore8bit": ("FSDP2 GaLore 8-bit", 3, True),
 }
 MiB = 2**20
 
@@ -120,7 +133,8 @@ def _run_slimtrain(model, row: str, shape: LlamaShape, steps: int):
 # ---------------------------------------------------------------- DeepSpeed row
 _COUNTED = ("all_reduce", "reduce", "broadcast", "all_gather", "all_gather_into_tensor", "_all_gather_base",
             "reduce_scatter", "reduce_scatter_tensor", "_reduce_scatter_base", "all_reduce_coalesced",
-            "gather", "scatter", "all_to_all_single", "all_to_all")
+            "gather", "scatter", "all_to_all_single", "all_to_all",
+            "all_gather_single", "reduce_scatter_single")  # the last two: FSDP2's
 
 
 def _count_torch_collectives() -> dict:
@@ -145,9 +159,9 @@ def _count_torch_collectives() -> dict:
                 if k in kwargs:
                     return kwargs[k]
             return args[i] if len(args) > i else None
-        if name in ("all_gather", "all_gather_into_tensor", "_all_gather_base"):
+        if name in ("all_gather", "all_gather_into_tensor", "_all_gather_base", "all_gather_single"):
             return nbytes(arg(0, "tensor_list", "output_tensor", "output"))
-        if name in ("reduce_scatter", "reduce_scatter_tensor", "_reduce_scatter_base"):
+        if name in ("reduce_scatter", "reduce_scatter_tensor", "_reduce_scatter_base", "reduce_scatter_single"):
             return nbytes(arg(1, "input_list", "input", "input_tensor"))
         if name in ("all_to_all_single", "all_to_all"):
             return nbytes(arg(1, "input", "input_tensor_list"))
@@ -216,6 +230,63 @@ def _run_deepspeed(model, shape: LlamaShape, steps: int):
     return {"steady": steady, "galore_fraction": galore_numel / total_numel, "state_bytes": state_bytes}
 
 
+# ---------------------------------------------------------------- FSDP2 rows
+def _layer_loss(self):
+    # a synthetic loss whose gradient is the weights: FSDP2 all-gathers the layer before this
+    # forward and reduce-scatters its gradient after backward, as in training
+    return sum((p * p).sum() for p in self.parameters()) * 0.5
+
+
+def _model_loss(self):
+    own = sum((p * p).sum() for name, p in self.named_parameters() if not name.startswith("layers."))
+    return sum(layer() for layer in self.layers) + own * 0.5
+
+
+def _run_fsdp(model, row: str, shape: LlamaShape, steps: int):
+    from llama_shapes import DecoderLayer
+
+    from slimtrain.optim import AdamW8bit, GaLoreAdamW8bit
+    from slimtrain.optim.shards import local
+    from slimtrain.parallel.fsdp import shard_model
+
+    counts = _count_torch_collectives()  # before FSDP2 binds anything
+    DecoderLayer.forward, type(model).forward = _layer_loss, _model_loss
+    galore_numel = sum(p.numel() for p in model.parameters() if id(p) in _galore_ids(model))
+    total_numel = sum(p.numel() for p in model.parameters())
+    shard_model(model)
+    gap = steps + 1  # as the slimtrain rows: the refresh after the timed steady steps is measured
+    if row == "fsdp_adamw":
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    elif row == "fsdp_adamw8bit":
+        opt = AdamW8bit(model.parameters(), lr=1e-3)
+    else:
+        cls = GaLoreAdamW if row == "fsdp_galore" else GaLoreAdamW8bit
+        opt = cls(galore_param_groups(model, rank=shape.galore_rank, update_proj_gap=gap), lr=1e-3)
+    params = list(model.parameters())
+
+    def one_step():
+        counts["bytes"].clear()
+        dist.barrier()
+        t0 = time.perf_counter()
+        model().backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        dist.barrier()
+        elapsed = time.perf_counter() - t0
+        return sum(counts["bytes"].values()), elapsed, dict(counts["bytes"])
+
+    one_step()  # warm-up: creates optimizer state (and, for GaLore, the first projectors)
+    out = {"steady": [one_step() for _ in range(steps)]}
+    if ROWS[row][2]:
+        out["refresh"] = [one_step()]
+    out["state_bytes"] = sum(local(v).numel() * local(v).element_size() for st in opt.state.values()
+                             for v in st.values() if isinstance(v, torch.Tensor))
+    out["local_param_bytes"] = sum(local(p).numel() * local(p).element_size() for p in params)
+    out["galore_fraction"] = galore_numel / total_numel
+    return out
+
+
 # ---------------------------------------------------------------- worker / driver
 def _worker(rank, world, port, shape_name, row, steps, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
@@ -228,6 +299,8 @@ def _worker(rank, world, port, shape_name, row, steps, out_dir):
     model = LlamaParams(shape)
     if row == "deepspeed":
         res = _run_deepspeed(model, shape, steps)
+    elif row.startswith("fsdp"):
+        res = _run_fsdp(model, row, shape, steps)
     else:
         res = _run_slimtrain(model, row, shape, steps)
     res["rss_start"] = rss_start
@@ -235,7 +308,8 @@ def _worker(rank, world, port, shape_name, row, steps, out_dir):
     res["param_bytes"] = sum(p.numel() * 4 for p in model.parameters())
     res["galore_bytes"] = sum(p.numel() * 4 for p in model.parameters() if id(p) in _galore_ids(model))
     # data parallelism must leave the same weights on every rank, whatever each rank's gradients
-    res["weights_sum"] = float(sum(p.detach().double().sum() for p in model.parameters()))
+    full = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in model.parameters()]  # FSDP2 shards
+    res["weights_sum"] = float(sum(p.detach().double().sum() for p in full))
     torch.save(res, os.path.join(out_dir, f"{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()
@@ -271,8 +345,8 @@ def table(world: int, results: dict[str, list[dict]]) -> str:
     lines = [f"### {world} ranks (gradients {total / MiB:.1f} MiB, of which GaLore matrices "
              f"{galore_full / MiB:.1f} MiB)", "",
              "| step | MiB sent | vs DDP | GaLore-matrix MiB | GaLore saving (x) | step ms | vs DDP "
-             "| opt. state MiB/rank | peak RSS MiB/rank | RSS at start MiB | MiB by collective |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "| weights MiB/rank | opt. state MiB/rank | peak RSS MiB/rank | RSS at start MiB | MiB by collective |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     base_bytes, base_time = _cells(results["ddp"], "steady")
 
     def galore_part(ranks, nbytes):
@@ -300,8 +374,9 @@ def table(world: int, results: dict[str, list[dict]]) -> str:
             start = max(r["rss_start"] for r in ranks)
             ops = ranks[0][kind][0][2]
             ops_txt = " + ".join(f"{op} {b / MiB:.1f}" for op, b in sorted(ops.items(), key=lambda kv: -kv[1]))
+            held = max(r.get("local_param_bytes", r["param_bytes"]) for r in ranks)
             lines.append(f"| {name} | {nbytes / MiB:.1f} | {nbytes / base_bytes:.3f} | {g_txt} | "
-                         f"{saving} | {seconds * 1e3:,.0f} | {seconds / base_time:.2f} | "
+                         f"{saving} | {seconds * 1e3:,.0f} | {seconds / base_time:.2f} | {held / MiB:.1f} | "
                          f"{state / MiB:.1f} | {rss / MiB:,.0f} | {start / MiB:,.0f} | {ops_txt} |")
     return "\n".join(lines)
 

@@ -210,6 +210,13 @@ def _train_data_parallel(rank, world_size, cases):
     for name, stage in cases:  # one spawn for all cases: starting processes dominates the time
         model = tiny_llama()
         opt = _build(name, model)
+        if name.startswith("fira"):
+            # one SVD only: a later refresh from 1 vs 2 ranks' (equal up to float order) averaged
+            # gradients may get other singular-vector signs from LAPACK, which the moments carry
+            # over (measured 6e-3 apart on one machine); refreshes are not what this test checks
+            for group in opt.param_groups:
+                if "rank" in group:
+                    group["update_proj_gap"] = 100
         dpo = DataParallelOptimizer(opt, zero_stage=stage, comm=Comm()) if world_size > 1 else opt
         local = 8 // world_size
         for x in text_batches(5, batch=8):

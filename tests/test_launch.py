@@ -102,6 +102,23 @@ def test_torchrun_fsdp_adamw8bit_matches_one_rank(workdir):
 
 @pytest.mark.slow
 @pytest.mark.distributed
+def test_torchrun_fsdp_galore_matches_one_process(workdir):
+    # the issue's command with GaLore's defaults: torchrun --nproc_per_node 2 -m slimtrain train
+    # dist.engine=fsdp optim=galore_adamw; the one-process run is the same command without torchrun
+    ref = run_cli(tiny_overrides(workdir, str(workdir / "g_ref"), **{"optim.name": "galore_adamw"}) + ["engine=fsdp"],
+                  str(workdir))
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                "--master_port", str(free_port()), "-m"]
+    args = tiny_overrides(workdir, str(workdir / "g_fsdp"), **{"optim.name": "galore_adamw", "train.batch_size": 2})
+    result = run_cli(args + ["engine=fsdp"], str(workdir), launcher=launcher)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 rank(s), engine fsdp (fsdp)" in result.stdout + result.stderr
+    _assert_close(losses(str(workdir / "g_fsdp")), losses(str(workdir / "g_ref")))
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_deepspeed_launcher_zero2_galore_matches_one_rank(workdir, reference):
     # `deepspeed` passes --local_rank=N ahead of our subcommand. With dist.engine=deepspeed and
     # ZeRO-2, GaLore cannot take the engine's flat partitions: slimtrain's sharding takes over.

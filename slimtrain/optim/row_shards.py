@@ -192,17 +192,19 @@ def right_projector_of_rows(grad: Tensor, rank_r: int, *, method: str, oversampl
         return distributed_right_projector(grad.to_local(), rank_r, lambda t: all_reduce_sum(t, grad),
                                            oversample=oversample, power_iters=power_iters, seed=seed)
     whole = gather_rows_to_first(grad)
-    # the first rank computes, everyone receives: one flag (did it work?) and the projector
-    out = torch.zeros(rank_r + 1, n, dtype=torch.float32, device=grad.to_local().device)
+    # as on one process, a factorisation of an (m, n) matrix has at most min(m, n) vectors
+    k = min(rank_r, m, n)
+    # the first rank computes, everyone receives: the projector and one flag (did it work?)
+    out = torch.zeros(k + 1, n, dtype=torch.float32, device=grad.to_local().device)
     if whole is not None:
         generator = torch.Generator(device=whole.device).manual_seed(seed) if method == "randomized" else None
         result = proj.compute_projector(whole, rank_r, "right", method=method, oversample=oversample,
                                         power_iters=power_iters, generator=generator)
-        if result is not None:
-            out[:rank_r] = canonical_signs(result[1])
-            out[rank_r, 0] = 1.0
+        if result is not None and result[1].shape[0] == k:
+            out[:k] = canonical_signs(result[1])
+            out[k, 0] = 1.0
     broadcast_from_first(out, grad)
-    return out[:rank_r].contiguous() if bool(out[rank_r, 0] == 1.0) else None
+    return out[:k].contiguous() if bool(out[k, 0] == 1.0) else None
 
 
 def global_norm(local_piece: Tensor, like: Tensor) -> Tensor:

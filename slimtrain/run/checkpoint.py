@@ -238,7 +238,9 @@ def latest_good_checkpoint(root: str, warn: bool = True) -> str | None:
 def _all_ok(ok: bool) -> bool:
     if not (dist.is_available() and dist.is_initialized()):
         return ok
-    flag = torch.tensor([0 if ok else 1], dtype=torch.int64)
+    # NCCL only reduces CUDA tensors: the flag goes on this rank's current GPU there
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    flag = torch.tensor([0 if ok else 1], dtype=torch.int64, device=device)
     dist.all_reduce(flag)
     return int(flag) == 0
 

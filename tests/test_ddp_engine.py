@@ -30,10 +30,12 @@ JOBS = {
     "galore8bit": {"optim.name": "galore_adamw8bit", "optim.args": GALORE_ARGS},
     "galore_accum": {"optim.name": "galore_adamw", "optim.args": GALORE_ARGS, "train.grad_accum": 2},
     "apollo": {"optim.name": "apollo_adamw", "optim.args": GALORE_ARGS},
+    "adafactor": {"optim.name": "galore_adafactor", "optim.lr": 3e-2,
+                  "optim.args": f"{{rank: 8, update_proj_gap: {GAP}, relative_step: false, beta1: 0.9}}"},
 }
 
 
-def _run_jobs(rank, world, root, engine, jobs):
+def _run_jobs(rank, world, root, engine, jobs, resume=None, tag=""):
     from slimtrain.run.config import load_config
     from slimtrain.trainer.trainer import Trainer
 
@@ -41,9 +43,10 @@ def _run_jobs(rank, world, root, engine, jobs):
     for name in jobs:
         extra = dict(JOBS[name])
         accum = int(extra.get("train.grad_accum", 1))
-        cfg = load_config(None, tiny_overrides(pathlib.Path(root), os.path.join(root, f"{name}_{engine}_w{world}"), **{
-            "train.batch_size": 4 // world // accum, "dist.engine": engine, **extra}))
-        trainer = Trainer(cfg)
+        cfg = load_config(None, tiny_overrides(pathlib.Path(root), os.path.join(root, f"{name}_{engine}_w{world}{tag}"), **{
+            "train.batch_size": 4 // world // accum, "dist.engine": engine, "checkpoint.every": 4, "checkpoint.keep": 3,
+            **extra}))
+        trainer = Trainer(cfg, resume=resume)
         try:
             trainer.train()
             hook = getattr(trainer.engine, "hook", None)
@@ -127,3 +130,32 @@ def test_ddp_refuses_what_it_cannot_carry(root):
     with pytest.raises(ConfigError, match="layer-wise"):
         check(**{"optim.name": "galore_adamw", "optim.args": "{rank: 8, layerwise: true}"})
     check(**{"optim.name": "galore_adamw"})  # accepted
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_ddp_four_ranks_match_one_process(root, single):
+    four = run_ranks(_run_jobs, 4, root, "ddp", ["galore", "adamw8bit"])
+    for name in ("galore", "adamw8bit"):
+        assert four[0][name]["engine"] == "ddp"
+        curve, ref = four[0][name]["losses"], single[name]["losses"]
+        assert max(abs(a - b) for a, b in zip(curve, ref)) < TOL, (name, curve, ref)
+        assert all(torch.equal(four[0][name]["weights"], four[r][name]["weights"]) for r in range(4))
+        w = single[name]["weights"]
+        assert (four[0][name]["weights"] - w).abs().max() <= 1e-4 * max(1.0, w.abs().max())
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_ddp_checkpoint_resumes_exactly_and_at_other_world_sizes(root, two):
+    # replicated state: one model file and one optimizer file, valid at any number of ranks
+    import shutil
+
+    full = two[0]["galore"]["losses"]
+    saved = shutil.copytree(os.path.join(root, "galore_ddp_w2", "checkpoints", "step_00000004"),
+                            os.path.join(root, "ddp_saved4"))
+    run_ranks(_run_jobs, 2, root, "ddp", ["galore"], saved, "_resumed")
+    assert losses(os.path.join(root, "galore_ddp_w2_resumed"))[-4:] == full[-4:]  # bit-exact at the same N
+    run_ranks(_run_jobs, 4, root, "ddp", ["galore"], saved, "_resumed")
+    curve = losses(os.path.join(root, "galore_ddp_w4_resumed"))
+    assert len(curve) == 4 and max(abs(a - b) for a, b in zip(curve, full[-4:])) < TOL, (curve, full)

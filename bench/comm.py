@@ -21,7 +21,9 @@ Every row runs in fresh processes, so each rank's ``ru_maxrss`` is that row's pe
   ``update_proj_gap``, 200 by default; here the gap is set so that the refresh after the timed
   steady steps is measured, not the first step);
 * ``FSDP2 ...``: ``slimtrain.parallel.fsdp.shard_model`` (``fully_shard`` per decoder layer and
-  the root) and the optimizer built on the DTensor shards; gradients from ``backward`` of the
+  the root) on the meta device, then each rank materialises its rows (the weights' values
+  differ from the other rows', which the bytes do not depend on), and the optimizer is built on
+  the DTensor shards; gradients from ``backward`` of the
   synthetic loss ``sum(p**2)/2`` run through each layer's forward (so FSDP2 all-gathers each
   layer for forward and again for backward, and reduce-scatters its gradient), torch's
   ``clip_grad_norm_`` (1.0) and the step; a GaLore refresh gathers each gradient to the first
@@ -254,6 +256,7 @@ def _run_fsdp(model, row: str, shape: LlamaShape, steps: int):
     galore_numel = sum(p.numel() for p in model.parameters() if id(p) in _galore_ids(model))
     total_numel = sum(p.numel() for p in model.parameters())
     shard_model(model)
+    model.materialize()  # the sharded parameters: each rank allocates and initialises its rows only
     gap = steps + 1  # as the slimtrain rows: the refresh after the timed steady steps is measured
     if row == "fsdp_adamw":
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -296,7 +299,8 @@ def _worker(rank, world, port, shape_name, row, steps, out_dir):
     shape = _shape(shape_name)
     rss_start = _rss_now()
     torch.manual_seed(0)
-    model = LlamaParams(shape)
+    # FSDP2 rows shard the model on the meta device, then materialise each rank's rows only
+    model = LlamaParams(shape, materialize=not row.startswith("fsdp"))
     if row == "deepspeed":
         res = _run_deepspeed(model, shape, steps)
     elif row.startswith("fsdp"):

@@ -45,13 +45,18 @@ class DecoderLayer(nn.Module):
 class LlamaParams(nn.Module):
     """Parameters of a Llama of shape ``s`` with ``layers`` decoder layers (no forward)."""
 
-    def __init__(self, s: LlamaShape, layers: int | None = None, with_embeddings: bool = True):
+    def __init__(self, s: LlamaShape, layers: int | None = None, with_embeddings: bool = True,
+                 materialize: bool = True):
         super().__init__()
         if with_embeddings:
             self.embed_tokens = nn.Embedding(s.vocab, s.hidden, device="meta")
             self.norm = nn.Parameter(torch.ones(s.hidden, device="meta"))
             self.lm_head = nn.Linear(s.hidden, s.vocab, bias=False, device="meta")
         self.layers = nn.ModuleList(DecoderLayer(s, device="meta") for _ in range(s.layers if layers is None else layers))
+        if materialize:  # else left on the meta device (e.g. to be sharded first, then materialised)
+            self.materialize()
+
+    def materialize(self) -> None:
         self.to_empty(device="cpu")
         with torch.no_grad():
             for p in self.parameters():

@@ -20,7 +20,8 @@ Rows whose footprint cannot run here (AdamW at 7B; bf16-weight rows at 7B, whose
 alone are 13.5 GB) are *computed* from the same byte rules, marked "computed".
 
     python bench/big_step.py --shape llama-350m
-    python bench/big_step.py --shape llama-7b --optim qgalore_adamw8bit --rank 512
+    python bench/big_step.py --shape llama-7b      # docs/configs/llama7b_small_box.yaml's optimizer and rank
+    python bench/big_step.py --shape llama-7b --optim qgalore_adamw8bit --rank 512 --int8-update-chunk 0
 """
 
 from __future__ import annotations
@@ -45,8 +46,20 @@ LABELS = {
     "qgalore_adamw8bit": "QGaLoreAdamW8bit layer-wise, INT8 weights + SR",
 }
 RANKS = {"llama-60m": 128, "llama-350m": 256, "llama-1b": 512, "llama-7b": 1024}  # the papers' ranks
+# Llama-7B without --optim / --rank runs the <= 10 GB recipe, read from its config file so the
+# measured row and the recipe cannot drift apart (tests/test_big_step.py checks the rest agrees).
+SMALL_BOX = os.path.join(ROOT, "docs", "configs", "llama7b_small_box.yaml")
+GALORE = dict(update_proj_gap=200, scale=0.25)  # projector settings of every GaLore row
 VOCAB = 32000
 GiB = 2**30
+
+
+def small_box() -> dict:
+    """Optimizer name and arguments, model, data and batch settings of ``SMALL_BOX``."""
+    import yaml
+
+    with open(SMALL_BOX) as f:
+        return yaml.safe_load(f)
 
 
 def _rss() -> int:
@@ -89,7 +102,7 @@ def child(args) -> dict:
         if p.requires_grad:
             p.register_post_accumulate_grad_hook(count)
 
-    galore = dict(rank=args.rank, update_proj_gap=200, scale=0.25, proj_method=args.proj_method)
+    galore = dict(rank=args.rank, proj_method=args.proj_method, **GALORE)
     layerwise = dict(layerwise=True, stochastic_rounding=True)
     if args.optim == "adamw":
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, foreach=False)
@@ -98,7 +111,9 @@ def child(args) -> dict:
     elif args.optim == "galore_adamw8bit":
         opt = GaLoreAdamW8bit(galore_param_groups(model, **galore), lr=1e-4, **layerwise)
     else:
-        opt = QGaLoreAdamW8bit(qgalore_param_groups(model, **galore), lr=1e-4, **layerwise)
+        # --int8-update-chunk: elements of an INT8 weight updated at a time (0: the whole matrix)
+        chunk = {} if args.int8_update_chunk is None else dict(int8_update_chunk=args.int8_update_chunk or None)
+        opt = QGaLoreAdamW8bit(qgalore_param_groups(model, **galore), lr=1e-4, **layerwise, **chunk)
 
     saved: dict[int, int] = {}
 
@@ -134,6 +149,7 @@ def child(args) -> dict:
 
     state = sum(nbytes(s) for s in opt.state.values())
     return dict(shape=args.shape, optim=args.optim, rank=args.rank, params=sum(p.numel() for p in params),
+                int8_update_chunk=getattr(opt, "int8_update_chunk", None),
                 runtime=runtime, weights=weights, state=state, grad=grad_peak[0], activations=activations,
                 build_s=build_s, build_peak=build_peak, times=times, losses=losses)
 
@@ -191,6 +207,8 @@ def run_row(args, optim: str) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", "--shape", args.shape, "--optim", optim,
            "--rank", str(args.rank), "--steps", str(args.steps), "--seq", str(args.seq), "--batch", str(args.batch),
            "--threads", str(args.threads), "--proj-method", args.proj_method, "--out", out]
+    if args.int8_update_chunk is not None:
+        cmd += ["--int8-update-chunk", str(args.int8_update_chunk)]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": ROOT}
     proc = subprocess.Popen(cmd, env=env)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -219,13 +237,19 @@ def fmt(row: dict) -> str:
             f"{t[-1]:.1f} |")
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line arguments with the defaults filled in (llama-7b: ``SMALL_BOX``'s optimizer,
+    rank and INT8 update chunk unless given)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="llama-350m", choices=sorted(RANKS))
     ap.add_argument("--optim", nargs="*", default=None, choices=OPTIMS,
                     help="rows to run (default: all that fit; the others are computed)")
     ap.add_argument("--computed", nargs="*", default=None, choices=OPTIMS, help="rows to compute instead of run")
-    ap.add_argument("--rank", type=int, default=None, help="GaLore rank (default: the paper's for the shape)")
+    ap.add_argument("--rank", type=int, default=None,
+                    help="GaLore rank (default: the paper's for the shape; for llama-7b, the small-box config's)")
+    ap.add_argument("--int8-update-chunk", type=int, default=None,
+                    help="QGaLoreAdamW8bit: elements of an INT8 weight updated at a time, 0 = whole matrix "
+                         "(default: the optimizer's; for llama-7b, the small-box config's if it sets one)")
     ap.add_argument("--proj-method", default="randomized", choices=("svd", "randomized"))
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--seq", type=int, default=256)
@@ -234,8 +258,21 @@ def main() -> None:
     ap.add_argument("--workdir", default="/tmp/slimtrain_big_step")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    if args.shape == "llama-7b" and not args.child:
+        box = small_box()
+        if args.optim is None:
+            args.optim = [box["optim"]["name"]]
+        if args.rank is None:
+            args.rank = box["optim"]["args"]["rank"]
+        if args.int8_update_chunk is None:
+            args.int8_update_chunk = box["optim"]["args"].get("int8_update_chunk")
     args.rank = args.rank or RANKS[args.shape]
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     if args.child:
         args.optim = args.optim[0]
         row = child(args)
@@ -262,7 +299,9 @@ def main() -> None:
         print(fmt(r))
     for r in rows:
         if "losses" in r:
-            print(f"\n{r['optim']}: losses {['%.4f' % x for x in r['losses']]}, build {r['build_s']:.1f} s "
+            chunk = f", INT8 update chunk {r['int8_update_chunk']}" if r["optim"] == "qgalore_adamw8bit" else ""
+            print(f"\n{r['optim']}: peak RSS {r['peak']} bytes, losses {['%.4f' % x for x in r['losses']]}{chunk}, "
+                  f"build {r['build_s']:.1f} s "
                   f"(peak while building {r['build_peak'] / GiB:.2f} GiB)", end="")
     print()
 

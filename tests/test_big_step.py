@@ -302,6 +302,35 @@ def test_layerwise_resume_is_exact(tmp_path):
     assert first + second == whole
 
 
+def test_big_step_7b_default_is_the_small_box_config():
+    # `python bench/big_step.py --shape llama-7b` is the measured <= 10 GB row of docs/benchmarks.md
+    # section 10; it must run what docs/configs/llama7b_small_box.yaml trains with (memory-wise:
+    # lr and clipping do not change the footprint, so they are not compared).
+    import importlib.util
+
+    from slimtrain.run.config import load_config
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("big_step", os.path.join(root, "bench", "big_step.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    cfg = load_config(bench.SMALL_BOX)
+    args = bench.parse_args(["--shape", "llama-7b"])
+    opt = cfg.optim.args
+    assert args.optim == [cfg.optim.name] == ["qgalore_adamw8bit"]
+    assert (args.rank, args.int8_update_chunk, args.proj_method) == (opt["rank"], opt["int8_update_chunk"],
+                                                                     opt["proj_method"])
+    assert {k: opt[k] for k in bench.GALORE} == bench.GALORE
+    assert opt["layerwise"] and opt["stochastic_rounding"]  # what the bench's layer-wise rows use
+    assert (args.seq, args.batch, cfg.train.grad_accum) == (cfg.data.seq_len, cfg.train.batch_size, 1)
+    m = cfg.model
+    assert (m.name, m.dtype, m.init_device, m.int8_weights, m.activation_checkpointing) == (
+        "llama-7b", "bfloat16", "meta", True, True)
+    assert m.int8_group_size == ModelConfig().int8_group_size  # the bench builds with the default group
+    # explicit arguments win
+    assert bench.parse_args(["--shape", "llama-7b", "--rank", "128", "--int8-update-chunk", "0"]).rank == 128
+
+
 # ---------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize("overrides,match", [
     ({"optim.name": "adamw"}, r"optim.name='adamw': this optimizer has no layer-wise .* adamw8bit"),

@@ -317,6 +317,24 @@ def test_int8_sr_triton_equals_reference(group):
     assert torch.all((dt - x).abs() <= scale * (1 + 1e-6))
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_int8_sr_pieces_with_start_equal_the_whole(backend):
+    # The INT8 update of QGaLoreAdamW8bit quantizes a matrix piece by piece (start = the
+    # piece's flat offset): codes and scales must be the whole tensor's, draw for draw; a
+    # wrong offset would repeat the first piece's random stream.
+    group = 64
+    x = torch.randn(20_000)  # 312.5 groups: the last piece ends in a partial group
+    cw, sw = K.quantize_int8_sr(x, group, seed=4, backend=backend)
+    cuts = [0, 64 * 50, 64 * 51, 64 * 200, x.numel()]
+    for a, b in zip(cuts, cuts[1:]):
+        c, sc = K.quantize_int8_sr(x[a:b], group, seed=4, start=a, backend=backend)
+        assert torch.equal(c, cw[a:b]) and torch.equal(sc, sw[a // group:a // group + sc.numel()]), (a, b)
+    c, _ = K.quantize_int8_sr(x[64 * 50:64 * 51], group, seed=4, backend=backend)  # start=0: another draw
+    assert not torch.equal(c, cw[64 * 50:64 * 51])
+    with pytest.raises(ValueError, match="multiple of group_size"):
+        K.quantize_int8_sr(x[:128], group, seed=4, start=32, backend=backend)
+
+
 def test_int8_sr_is_unbiased():
     g = torch.Generator().manual_seed(0)
     base = torch.randn(256, generator=g)

@@ -65,6 +65,63 @@ def test_update_is_galore_adam_on_dequantized_weight_then_stochastic_int8():
     assert qw.float_grad is None
 
 
+def _chunked_vs_whole(shapes, chunk, steps, monkeypatch):
+    """Two identical INT8 models, one optimizer updating whole matrices and one by row pieces of
+    ``chunk`` elements, fed the same gradients: returns both models' and optimizers' state dicts
+    and the largest fp32 weight piece the chunked one dequantized."""
+    from slimtrain.optim import qgalore
+
+    def build():
+        torch.manual_seed(7)
+        model = torch.nn.Sequential(*[torch.nn.Linear(n, m, bias=False) for m, n in shapes])
+        quantize_weights(model, group_size=64)
+        return model
+
+    grads = [[torch.randn(m, n, generator=torch.Generator().manual_seed(10 * t + i)) for i, (m, n) in
+              enumerate(shapes)] for t in range(steps)]
+    out, pieces = [], []
+    for size in (None, chunk):
+        model = build()
+        opt = QGaLoreAdamW8bit(qgalore_param_groups(model, rank=8, update_proj_gap=2), lr=1e-2, weight_decay=0.1,
+                               min_8bit_size=0, int8_update_chunk=size)
+        if size is not None:  # record the fp32 pieces: the transient must be one piece, not the matrix
+            dequantize = qgalore.kernels.dequantize_int8
+            monkeypatch.setattr(qgalore.kernels, "dequantize_int8",
+                                lambda c, *a, **k: pieces.append(c.numel()) or dequantize(c, *a, **k))
+        for step_grads in grads:
+            for layer, g in zip(model, step_grads):
+                layer.weight.float_grad = g.clone()
+            opt.step()
+            opt.zero_grad()
+        monkeypatch.undo()
+        out.append((model.state_dict(), opt.state_dict()))
+    return out, pieces
+
+
+@pytest.mark.parametrize("shapes, chunk", [
+    # right projector (m >= n), 96 columns: whole groups every 2 rows (2 x 96 = 3 x 64); 131 x 96
+    # ends in a partial group. Left projector (m < n), 200 columns: every 8 rows. Pieces of at
+    # most 1600 elements: 16 and 8 rows, the last piece shorter.
+    ([(131, 96), (48, 200)], 1600),
+    # the compiled rounding twin (pieces >= 256K elements), as in the big runs
+    ([(512, 1024)], 1 << 18),
+], ids=["eager", "compiled"])
+def test_int8_update_by_row_pieces_equals_whole_matrix(shapes, chunk, monkeypatch):
+    # 3 steps: projector refresh at steps 1 and 3, moments carried over, weight decay on
+    ((whole_model, whole_opt), (chunk_model, chunk_opt)), pieces = _chunked_vs_whole(shapes, chunk, 3, monkeypatch)
+    assert pieces and max(pieces) <= chunk < min(m * n for m, n in shapes)  # never the whole matrix in fp32
+    for name, value in whole_model.items():
+        assert torch.equal(value, chunk_model[name]), name  # INT8 codes and group scales, bit for bit
+    for key, state in whole_opt["state"].items():
+        for k, v in state.items():
+            other = chunk_opt["state"][key][k]
+            assert torch.equal(v, other) if isinstance(v, torch.Tensor) else v == other, (key, k)
+    torch.manual_seed(7)
+    first = torch.nn.Sequential(*[torch.nn.Linear(n, m, bias=False) for m, n in shapes])
+    quantize_weights(first, group_size=64)
+    assert not torch.equal(first[0].weight, chunk_model["0.weight"])  # the steps did move the weights
+
+
 def test_projector_is_int4_and_close_to_svd():
     torch.manual_seed(2)
     model = torch.nn.Sequential(torch.nn.Linear(48, 128, bias=False))

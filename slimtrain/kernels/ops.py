@@ -289,16 +289,24 @@ def stochastic_round_bf16(x: Tensor, seed: int, *, backend: str | None = None) -
     return out.view(torch.bfloat16)
 
 
-def quantize_int8_sr(x: Tensor, group_size: int = DEFAULT_BLOCK, seed: int = 0, *,
+def quantize_int8_sr(x: Tensor, group_size: int = DEFAULT_BLOCK, seed: int = 0, *, start: int = 0,
                      backend: str | None = None) -> tuple[Tensor, Tensor]:
-    """fp32 -> (int8 codes like ``x``, fp32 scale per group), symmetric, stochastic rounding."""
+    """fp32 -> (int8 codes like ``x``, fp32 scale per group), symmetric, stochastic rounding.
+
+    ``start``: the flat index of ``x[0]`` when ``x`` is a piece of a larger tensor (a multiple of
+    ``group_size``, so the pieces' groups are the whole's): the random stream is indexed by
+    element, so quantizing the pieces gives exactly the codes and scales of the whole.
+    """
     be = resolve(x, backend)
     _check_block(group_size, be)
+    start = int(start)
+    if start < 0 or start % group_size:
+        raise ValueError(f"start={start} must be a non-negative multiple of group_size={group_size}")
     seed = int(seed) & 0x7FFFFFFF
     if be != "triton":
         chunk = max(group_size, SR_CHUNK // group_size * group_size)
         if x.numel() <= chunk and _compiled_twin("quantize_int8_sr", x, backend) is None:
-            return ref.quantize_int8_sr(x, group_size, seed)
+            return ref.quantize_int8_sr(x, group_size, seed, start=start)
         flat = x.reshape(-1)
         codes = torch.empty(x.numel(), dtype=torch.int8, device=x.device)
         scales = torch.empty(n_blocks(x.numel(), group_size), dtype=torch.float32, device=x.device)
@@ -307,10 +315,10 @@ def quantize_int8_sr(x: Tensor, group_size: int = DEFAULT_BLOCK, seed: int = 0, 
             part = flat[s:s + chunk]
             if fast is not None:  # the tail padded with zero groups, which are dropped
                 full = torch.nn.functional.pad(part.float(), (0, chunk - part.numel()))
-                c, sc = fast(full, group_size, torch.tensor(seed), torch.tensor(s))
+                c, sc = fast(full, group_size, torch.tensor(seed), torch.tensor(start + s))
                 c, sc = c[:part.numel()], sc[:n_blocks(part.numel(), group_size)]
             else:
-                c, sc = ref.quantize_int8_sr(part, group_size, seed, start=s)
+                c, sc = ref.quantize_int8_sr(part, group_size, seed, start=start + s)
             codes[s:s + chunk] = c
             scales[s // group_size:s // group_size + sc.numel()] = sc
         return codes.view(x.shape), scales
@@ -318,7 +326,7 @@ def quantize_int8_sr(x: Tensor, group_size: int = DEFAULT_BLOCK, seed: int = 0, 
     n, ng = x.numel(), n_blocks(x.numel(), group_size)
     codes = torch.empty(x.shape, dtype=torch.int8, device=x.device)
     scales = torch.empty(ng, dtype=torch.float32, device=x.device)
-    _launch("quantize_int8_sr", x, codes, scales, n, ng, seed, numel=n, group=group_size, cuda=x.is_cuda)
+    _launch("quantize_int8_sr", x, codes, scales, n, ng, seed, start, numel=n, group=group_size, cuda=x.is_cuda)
     return codes, scales
 
 

@@ -141,13 +141,14 @@ def stochastic_round_bf16_kernel(x_ptr, out_ptr, n, seed, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def quantize_int8_sr_kernel(x_ptr, codes_ptr, scales_ptr, n, n_groups, seed,
+def quantize_int8_sr_kernel(x_ptr, codes_ptr, scales_ptr, n, n_groups, seed, start,
                             ROWS: tl.constexpr, GROUP: tl.constexpr):
     rows, offs, mask = _tile(tl.program_id(0), n, ROWS, GROUP)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     scale = tl.max(tl.abs(x), axis=1) / 127.0
     safe = tl.where(scale > 0, scale, 1.0)
-    u = (_hash32(seed, offs) >> 8).to(tl.float32) * (2.0**-24)
+    # start: flat index of x[0] in the tensor it is a chunk of (the draw is indexed by element)
+    u = (_hash32(seed, offs + start) >> 8).to(tl.float32) * (2.0**-24)
     q = tl.floor(x / safe[:, None] + u)
     q = tl.minimum(tl.maximum(q, -127.0), 127.0)
     tl.store(codes_ptr + offs, q.to(tl.int8), mask=mask)

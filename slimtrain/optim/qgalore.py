@@ -6,6 +6,7 @@ Gradients", 2024 (arXiv:2407.08296); GaLore: Zhao et al., ICML 2024.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Iterable
 
 import torch
@@ -15,6 +16,7 @@ from torch import Tensor, nn
 from .. import kernels
 from ..kernels import PackedInt4
 from . import projector as proj
+from .adamw8bit import SKIPPED, has_8bit_moments, init_8bit_moments, load_8bit_moments
 from .galore_adamw8bit import GaLoreAdamW8bit
 from .spec import OptimizerSpec
 
@@ -25,6 +27,10 @@ SCALES_ATTR, GROUP_ATTR, GRAD_ATTR = "quant_scales", "quant_group_size", "float_
 # A layer-wise optimizer's hook for an INT8 weight: called by backward right after it
 # accumulated ``float_grad`` (what a post-accumulate-grad hook is for a ``requires_grad`` tensor).
 HOOK_ATTR = "float_grad_hook"
+# Elements of an INT8 weight updated at a time (dequantize, subtract the back-projected update,
+# re-quantize): the fp32 transients are then a few MiB instead of three copies of the matrix
+# (0.5 GiB for Llama-7B's 11008 x 4096). 1M = one call of the compiled rounding twin.
+INT8_UPDATE_CHUNK = 1 << 20
 
 
 class _QuantLinearFn(torch.autograd.Function):
@@ -187,7 +193,11 @@ class QGaLoreAdamW8bit(GaLoreAdamW8bit):
 
     Memory per (m, n) quantized matrix, m >= n, rank r: weight ``m n (1 + 4/g)`` bytes,
     moments ``2 m r (1 + 4/256)``, projector ``r n (1/2 + 8/proj_group_size)``; plus one
-    transient fp32 copy of the weight being updated. Other tensors: AdamW8bit.
+    transient fp32 piece of the weight being updated: ``int8_update_chunk`` elements (whole
+    rows and quantization groups; default 1M) are dequantized, updated with their rows of the
+    back-projected update and re-quantized at a time, bit-identical to updating the whole matrix
+    at once (``int8_update_chunk=None``; same group scales, same per-element random stream).
+    Other tensors: AdamW8bit.
 
     Data parallel: the fp32 gradients of the INT8 weights are not ``.grad`` of a
     ``requires_grad`` parameter, so DDP does not see them; :meth:`external_grads` lists them and
@@ -229,7 +239,11 @@ class QGaLoreAdamW8bit(GaLoreAdamW8bit):
         layerwise: bool = False,
         accumulation_steps: int = 1,
         stochastic_rounding: bool = False,
+        int8_update_chunk: int | None = INT8_UPDATE_CHUNK,
     ):
+        if int8_update_chunk is not None and (not isinstance(int8_update_chunk, int) or int8_update_chunk < 1):
+            raise ValueError(f"int8_update_chunk={int8_update_chunk!r} must be a positive integer (elements) or None")
+        self.int8_update_chunk = int8_update_chunk
         if not 0.0 <= cos_threshold <= 1.0:
             raise ValueError(f"cos_threshold={cos_threshold!r} must lie in [0, 1]")
         if not isinstance(queue_size, int) or queue_size < 1:
@@ -345,12 +359,82 @@ class QGaLoreAdamW8bit(GaLoreAdamW8bit):
             super()._update(p, low_grad, state, group)
             return
         scales, gs = getattr(p, SCALES_ATTR), getattr(p, GROUP_ATTR)
+        rows = self._chunk_rows(p, gs)
+        left, right = self._projectors(state, group) if rows < p.shape[0] else (None, None)
+        if left is not None or right is not None:
+            # the same moment-initialisation rule as GaLoreAdamW8bit._update; small low-rank
+            # gradients keep fp32 moments and take the whole-matrix path below
+            if "step" not in state:
+                state["step"] = torch.tensor(0.0)
+            if not has_8bit_moments(state) and "exp_avg" not in state and low_grad.numel() >= group["min_8bit_size"]:
+                init_8bit_moments(state, low_grad, group["block_size"])
+            if has_8bit_moments(state):
+                self._update_int8_by_rows(p, low_grad, state, group, left, right, rows)
+                return
         weight = kernels.dequantize_int8(p, scales, gs)  # transient fp32 copy of this one weight
         super()._update(weight, low_grad, state, group)
-        seed = proj.projector_seed(group["proj_seed"] + 1, self._param_index(p), int(state["step"])) & 0x7FFFFFFF
-        codes, new_scales = kernels.quantize_int8_sr(weight, gs, seed, backend=self._aux_backend())
+        codes, new_scales = kernels.quantize_int8_sr(weight, gs, self._int8_seed(p, state, group),
+                                                     backend=self._aux_backend())
         p.copy_(codes)
         scales.copy_(new_scales)
+
+    def _int8_seed(self, p: Tensor, state: dict, group: dict) -> int:
+        """Seed of the stochastic rounding of ``p`` at the step just taken (``state['step']``)."""
+        return proj.projector_seed(group["proj_seed"] + 1, self._param_index(p), int(state["step"])) & 0x7FFFFFFF
+
+    def _chunk_rows(self, p: Tensor, group_size: int) -> int:
+        """Rows of ``p`` per piece of the INT8 update: about ``int8_update_chunk`` elements, and a
+        multiple of the rows that hold whole quantization groups (so every piece but the last
+        starts on a group boundary and the pieces' scales are the whole matrix's)."""
+        if self.int8_update_chunk is None or p.dim() != 2:
+            return p.shape[0]  # one piece: the whole matrix
+        cols = p.shape[1]
+        align = group_size // math.gcd(cols, group_size)  # rows * cols % group_size == 0
+        return max(align, self.int8_update_chunk // max(cols, 1) // align * align)
+
+    def _update_int8_by_rows(self, p: Tensor, low_grad: Tensor, state: dict, group: dict, left: Tensor | None,
+                             right: Tensor | None, rows: int) -> None:
+        """GaLoreAdamW8bit's step on an INT8 matrix, ``rows`` rows at a time.
+
+        What ``galore_adamw8bit`` does on the whole dequantized weight W, split: the 8-bit Adam
+        step writes the low-rank direction D (small) once; then for each row block B,
+        ``W[B] -= project_back(D)[B]`` (rows of ``left @ D`` are ``left[B] @ D``; with a right
+        projector only, they are ``D[B] @ right``), the decoupled decay, and stochastic INT8
+        rounding with the element offset of B. Element for element the same arithmetic, so the
+        same codes and scales as the unchunked path (tested); only one block is ever fp32.
+        """
+        scales, gs = getattr(p, SCALES_ATTR), getattr(p, GROUP_ATTR)
+        beta1, beta2 = group["betas"]
+        lr, wd = group["lr"], group["weight_decay"]
+        # the 8-bit moment step of galore_adamw8bit, in its "out" mode (param is not read there)
+        state["step"] += 1
+        step = float(state["step"])
+        bc1 = 1.0 - beta1**step if group["correct_bias"] else 1.0
+        sqrt_bc2 = math.sqrt(1.0 - beta2**step) if group["correct_bias"] else 1.0
+        grad = low_grad.float().contiguous()
+        m, v = load_8bit_moments(state, group["block_size"])
+        direction = torch.empty_like(grad, dtype=torch.float32)
+        kernels.adamw8bit_update(grad, grad, m.codes, m.absmax, v.codes, v.absmax, state[SKIPPED], decay=1.0,
+                                 out=direction, block_size=m.block_size, backend=self.backend, step_size=lr / bc1,
+                                 beta1=beta1, beta2=beta2, inv_sqrt_bc2=1.0 / sqrt_bc2, eps=group["eps"] / sqrt_bc2)
+        del grad
+        seed, cols, backend = self._int8_seed(p, state, group), p.shape[1], self._aux_backend()
+        for r0 in range(0, p.shape[0], rows):
+            r1 = min(r0 + rows, p.shape[0])
+            first, last = r0 * cols, r1 * cols
+            block_scales = scales[first // gs:(last + gs - 1) // gs]
+            weight = kernels.dequantize_int8(p[r0:r1], block_scales, gs)
+            if left is not None:
+                update = proj.project_back(direction, left[r0:r1], right, group["scale"])
+            else:
+                update = proj.project_back(direction[r0:r1], None, right, group["scale"])
+            weight.sub_(update.view_as(weight))
+            del update
+            if wd > 0.0:
+                weight.add_(weight, alpha=-lr * wd)
+            codes, new_scales = kernels.quantize_int8_sr(weight, gs, seed, start=first, backend=backend)
+            p[r0:r1].copy_(codes)
+            block_scales.copy_(new_scales)
 
     # ------------------------------------------------------------------ step
     def external_grads(self) -> list[Tensor]:

@@ -22,6 +22,7 @@ alone are 13.5 GB) are *computed* from the same byte rules, marked "computed".
     python bench/big_step.py --shape llama-350m
     python bench/big_step.py --shape llama-7b      # docs/configs/llama7b_small_box.yaml's optimizer and rank
     python bench/big_step.py --shape llama-7b --optim qgalore_adamw8bit --rank 512 --int8-update-chunk 0
+    python bench/big_step.py --shape llama-7b --layers 2 --trace-peak   # where the peak is, in minutes
 """
 
 from __future__ import annotations
@@ -67,6 +68,51 @@ def _rss() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
+class PeakTracer:
+    """``--trace-peak``: where the RSS peaks. A thread samples RSS every ``interval`` s and keeps,
+    per place (the innermost slimtrain/bench frames and the innermost frame of the main thread),
+    the highest RSS seen there. Sampling misses spikes shorter than the interval and costs a
+    little memory itself; the table's peak stays the parent's ``ru_maxrss``."""
+
+    def __init__(self, interval: float = 0.002):
+        import threading
+
+        self.places: dict[str, int] = {}
+        self.main = threading.main_thread().ident
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _place(self, frame) -> str:
+        import traceback
+
+        def name(fs) -> str:
+            path = os.path.relpath(fs.filename, ROOT) if fs.filename.startswith(ROOT) else os.path.basename(fs.filename)
+            return f"{path}:{fs.lineno} {fs.name}"
+
+        stack = traceback.extract_stack(frame)
+        ours = [name(fs) for fs in stack if fs.filename.startswith(ROOT)][-3:]
+        return " < ".join(reversed(ours)) + " | " + (name(stack[-1]) if stack else "?")
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            rss = _rss()
+            frame = sys._current_frames().get(self.main)
+            if frame is not None:
+                place = self._place(frame)
+                if rss > self.places.get(place, 0):
+                    self.places[place] = rss
+            time.sleep(self.interval)
+
+    def top(self, n: int = 8) -> list[tuple[int, str]]:
+        """The ``n`` places with the highest RSS; stops sampling (a thread still running at
+        interpreter exit aborts the process)."""
+        self._stop.set()
+        self._thread.join()
+        return sorted(((v, k) for k, v in self.places.items()), reverse=True)[:n]
+
+
 # ---------------------------------------------------------------------------- child
 def child(args) -> dict:
     import torch
@@ -79,6 +125,12 @@ def child(args) -> dict:
     from slimtrain.run.model import build_model
 
     runtime = _rss()
+    tracer = PeakTracer() if args.trace_peak else None
+    if args.layers:  # diagnostic: the shape's widths with fewer decoder layers (this process only)
+        from slimtrain.run import model as model_module
+
+        preset = model_module.MODEL_PRESETS[args.shape]
+        model_module.MODEL_PRESETS[args.shape] = lambda: {**preset(), "num_hidden_layers": args.layers}
     int8 = args.optim == "qgalore_adamw8bit"
     cfg = ModelConfig(name=args.shape, dtype="bfloat16", init_device="meta", int8_weights=int8,
                       activation_checkpointing=True)
@@ -151,7 +203,8 @@ def child(args) -> dict:
     return dict(shape=args.shape, optim=args.optim, rank=args.rank, params=sum(p.numel() for p in params),
                 int8_update_chunk=getattr(opt, "int8_update_chunk", None),
                 runtime=runtime, weights=weights, state=state, grad=grad_peak[0], activations=activations,
-                build_s=build_s, build_peak=build_peak, times=times, losses=losses)
+                build_s=build_s, build_peak=build_peak, times=times, losses=losses,
+                peak_places=tracer.top() if tracer else [])
 
 
 # ---------------------------------------------------------------------------- computed rows
@@ -206,7 +259,8 @@ def run_row(args, optim: str) -> dict:
     out = os.path.join(args.workdir, f"{args.shape}_{optim}.json")
     cmd = [sys.executable, os.path.abspath(__file__), "--child", "--shape", args.shape, "--optim", optim,
            "--rank", str(args.rank), "--steps", str(args.steps), "--seq", str(args.seq), "--batch", str(args.batch),
-           "--threads", str(args.threads), "--proj-method", args.proj_method, "--out", out]
+           "--threads", str(args.threads), "--proj-method", args.proj_method, "--out", out,
+           "--layers", str(args.layers)] + (["--trace-peak"] if args.trace_peak else [])
     if args.int8_update_chunk is not None:
         cmd += ["--int8-update-chunk", str(args.int8_update_chunk)]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": ROOT}
@@ -256,6 +310,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--workdir", default="/tmp/slimtrain_big_step")
+    ap.add_argument("--layers", type=int, default=0,
+                    help="diagnostic: build the shape with this many decoder layers (0: the shape's own)")
+    ap.add_argument("--trace-peak", action="store_true",
+                    help="diagnostic: sample RSS in a thread and print the highest RSS per code location")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -282,7 +340,8 @@ def main() -> None:
     os.makedirs(args.workdir, exist_ok=True)
     big = args.shape == "llama-7b"
     run = args.optim if args.optim is not None else (["qgalore_adamw8bit"] if big else list(OPTIMS))
-    comp = args.computed if args.computed is not None else [o for o in OPTIMS if o not in run]
+    # computed rows are for the whole shape: none by default with --layers
+    comp = args.computed if args.computed is not None else ([] if args.layers else [o for o in OPTIMS if o not in run])
     import torch
 
     print(f"torch {torch.__version__}, {args.threads} thread(s); {args.shape}, batch {args.batch} x {args.seq}, "
@@ -291,7 +350,8 @@ def main() -> None:
     order = {o: i for i, o in enumerate(OPTIMS)}
     rows.sort(key=lambda r: order[r["optim"]])
     params = next((r["params"] for r in rows if "params" in r), 0)
-    print(f"\n### {args.shape}: {params / 1e6:.1f}M parameters (GiB unless stated)\n")
+    layers = f", {args.layers} decoder layers" if args.layers else ""
+    print(f"\n### {args.shape}{layers}: {params / 1e6:.1f}M parameters (GiB unless stated)\n")
     print("| configuration | peak RSS | runtime | weights | optimizer state | largest gradient | activations "
           "| workspace | s step 1 | s step 2 |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
@@ -303,6 +363,10 @@ def main() -> None:
             print(f"\n{r['optim']}: peak RSS {r['peak']} bytes, losses {['%.4f' % x for x in r['losses']]}{chunk}, "
                   f"build {r['build_s']:.1f} s "
                   f"(peak while building {r['build_peak'] / GiB:.2f} GiB)", end="")
+            if r.get("peak_places"):
+                print("\n\nhighest sampled RSS per place (GiB; innermost slimtrain/bench frames | innermost frame):")
+                for rss, place in r["peak_places"]:
+                    print(f"  {rss / GiB:.3f}  {place}", end="\n")
     print()
 
 

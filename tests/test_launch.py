@@ -84,20 +84,27 @@ def test_torchrun_ddp_galore_matches_one_rank(workdir, reference):
     _assert_close(losses(str(workdir / "ddp")), reference)
 
 
-@pytest.mark.slow
-@pytest.mark.distributed
-def test_torchrun_fsdp_adamw8bit_matches_one_rank(workdir):
-    # FSDP2 through the command line: 8-bit AdamW on each rank's rows (blocks of one row)
-    a8 = {"optim.name": "adamw8bit", "optim.args": "{block_size: 32, min_8bit_size: 1024}"}
-    ref = run_cli(tiny_overrides(workdir, str(workdir / "a8_ref"), **a8), str(workdir))
+def _fsdp_two_ranks_match_one(workdir, tag: str, optim: dict, ref_engine: list[str]) -> None:
+    """``torchrun --nproc_per_node 2 -m slimtrain train engine=fsdp`` with ``optim`` follows the
+    one-process run (``ref_engine``: its extra arguments)."""
+    ref = run_cli(tiny_overrides(workdir, str(workdir / f"{tag}_ref"), **optim) + ref_engine, str(workdir))
     assert ref.returncode == 0, ref.stderr[-3000:]
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                 "--master_port", str(free_port()), "-m"]
-    args = tiny_overrides(workdir, str(workdir / "a8_fsdp"), **{**a8, "train.batch_size": 2})
+    args = tiny_overrides(workdir, str(workdir / f"{tag}_fsdp"), **{**optim, "train.batch_size": 2})
     result = run_cli(args + ["engine=fsdp"], str(workdir), launcher=launcher)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 rank(s), engine fsdp (fsdp)" in result.stdout + result.stderr
-    _assert_close(losses(str(workdir / "a8_fsdp")), losses(str(workdir / "a8_ref")))
+    _assert_close(losses(str(workdir / f"{tag}_fsdp")), losses(str(workdir / f"{tag}_ref")))
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_torchrun_fsdp_adamw8bit_matches_one_rank(workdir):
+    # FSDP2 through the command line: 8-bit AdamW on each rank's rows (blocks of one row), against
+    # the default engine on one process
+    _fsdp_two_ranks_match_one(workdir, "a8", {"optim.name": "adamw8bit",
+                                              "optim.args": "{block_size: 32, min_8bit_size: 1024}"}, [])
 
 
 @pytest.mark.slow
@@ -105,16 +112,7 @@ def test_torchrun_fsdp_adamw8bit_matches_one_rank(workdir):
 def test_torchrun_fsdp_galore_matches_one_process(workdir):
     # the issue's command with GaLore's defaults: torchrun --nproc_per_node 2 -m slimtrain train
     # dist.engine=fsdp optim=galore_adamw; the one-process run is the same command without torchrun
-    ref = run_cli(tiny_overrides(workdir, str(workdir / "g_ref"), **{"optim.name": "galore_adamw"}) + ["engine=fsdp"],
-                  str(workdir))
-    assert ref.returncode == 0, ref.stderr[-3000:]
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                "--master_port", str(free_port()), "-m"]
-    args = tiny_overrides(workdir, str(workdir / "g_fsdp"), **{"optim.name": "galore_adamw", "train.batch_size": 2})
-    result = run_cli(args + ["engine=fsdp"], str(workdir), launcher=launcher)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "2 rank(s), engine fsdp (fsdp)" in result.stdout + result.stderr
-    _assert_close(losses(str(workdir / "g_fsdp")), losses(str(workdir / "g_ref")))
+    _fsdp_two_ranks_match_one(workdir, "g", {"optim.name": "galore_adamw"}, ["engine=fsdp"])
 
 
 @pytest.mark.slow

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import pathlib
 import shutil
+import tempfile
 
 import pytest
 import torch
@@ -123,7 +124,7 @@ def test_fsdp_adamw8bit_blocks_on_local_shards(root):
     for r in range(2):  # 8-bit codes + absmax of half the rows per rank
         assert two[r]["state_bytes"] <= 0.55 * single["state_bytes"], (two[r]["state_bytes"], single["state_bytes"])
     ckpt = os.path.join(root, "a8_two", "checkpoints", "step_00000004")
-    assert sorted(f for f in os.listdir(ckpt) if f.startswith("optim")) == ["optim_rank0.pt", "optim_rank1.pt"]
+    _assert_written_by_each_rank(ckpt, 2)
     saved = shutil.copytree(ckpt, os.path.join(root, "a8_saved4"))
     run_ranks(_run, 2, root, "a8_resume", "fsdp", extra, saved)
     assert losses(os.path.join(root, "a8_resume"))[-4:] == curve[-4:]  # bit-exact at the same N
@@ -146,18 +147,41 @@ def test_fsdp_shards_weights_and_state(single, two):
 def test_fsdp_export_is_the_gathered_model(root, two):
     from safetensors.torch import load_file
 
+    from slimtrain.run.scoring import export_checkpoint
+
     exported = load_file(os.path.join(root, "two", "hf", "model.safetensors"))
     flat = torch.cat([exported[k].float().reshape(-1) for k in sorted(exported)])
     assert torch.equal(flat, two[0]["weights"])
+    # `slimtrain export` of the last checkpoint: one process joins the two ranks' DCP shards
+    out = export_checkpoint(os.path.join(root, "two", "checkpoints", f"step_{STEPS:08d}"), os.path.join(root, "two_hf"))
+    joined = load_file(os.path.join(out, "model.safetensors"))
+    assert torch.equal(torch.cat([joined[k].float().reshape(-1) for k in sorted(joined)]), flat)
+
+
+def _assert_written_by_each_rank(ckpt, world):
+    """An FSDP2 checkpoint: nothing gathered (no model.pt), one DCP shard file per rank of about
+    1/N of the tensors, the rest of each rank's optimizer state in a weights_only file, and
+    torch's own converter turns the DCP directory into a plain torch.save file."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    assert not os.path.exists(os.path.join(ckpt, "model.pt"))
+    files = sorted(f for f in os.listdir(os.path.join(ckpt, "dcp")) if f.endswith(".distcp"))
+    assert files == [f"__{r}_0.distcp" for r in range(world)]
+    sizes = [os.path.getsize(os.path.join(ckpt, "dcp", f)) for f in files]
+    assert max(sizes) <= 1.5 * sum(sizes) / world, sizes  # sharded, not one rank writing all
+    skeletons = [torch.load(os.path.join(ckpt, f"optim_rank{r}.pt"), weights_only=True) for r in range(world)]
+    assert all(skeletons)
+    with tempfile.TemporaryDirectory() as tmp:
+        dcp_to_torch_save(os.path.join(ckpt, "dcp"), os.path.join(tmp, "joined.pt"))
+        joined = torch.load(os.path.join(tmp, "joined.pt"), weights_only=True)
+    assert any(k.startswith("model.") for k in joined) and any(k.startswith("optim") for k in joined)
 
 
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_fsdp_checkpoint_resumes_exactly_and_at_other_world_sizes(root, two):
     ckpt = os.path.join(root, "two", "checkpoints", "step_00000004")
-    for f in ("model.pt", "optim.pt"):  # full tensors, plain torch.load
-        state = torch.load(os.path.join(ckpt, f), weights_only=True)
-        assert state
+    _assert_written_by_each_rank(ckpt, 2)
     saved = shutil.copytree(ckpt, os.path.join(root, "saved4"))
     full = two[0]["losses"]
     extra = {"checkpoint.every": 4, "checkpoint.keep": 3}
@@ -373,9 +397,7 @@ def test_fsdp_sharded_state_resumes_exactly_and_at_other_world_sizes(root, name,
     # shards): bit-exact at the same N; rows re-cut (8-bit blocks copied where they align) at another
     full = families_two[0][name]["losses"]
     ckpt = os.path.join(root, f"fam_two_{name}", "checkpoints", "step_00000004")
-    assert sorted(f for f in os.listdir(ckpt) if f.startswith("optim")) == ["optim_rank0.pt", "optim_rank1.pt"]
-    for f in ("optim_rank0.pt", "optim_rank1.pt"):  # plain tensors only
-        torch.load(os.path.join(ckpt, f), weights_only=True)
+    _assert_written_by_each_rank(ckpt, 2)
     assert _resume(root, name, "fam_two", 2, f"{name}_r2")[-4:] == full[-4:]
     for world in (1, 4):
         curve = _resume(root, name, "fam_two", world, f"{name}_r{world}")

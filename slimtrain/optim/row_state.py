@@ -35,7 +35,8 @@ SIGNED = {EXP_AVG: True, EXP_AVG_SQ: False}  # the dynamic map each 8-bit moment
 _CODES, _ABSMAX = Blockwise8bit.keys("")
 
 
-def _is_replicated(key: str, value) -> bool:
+def is_replicated(key: str, value) -> bool:
+    """Whether per-parameter state entry ``key`` is the same on every rank (not rows of the shard)."""
     return not torch.is_tensor(value) or value.dim() == 0 or key.startswith(REPLICATED)
 
 
@@ -45,7 +46,7 @@ def _pieces(states: list[dict]) -> dict[str, list]:
     out: dict[str, list] = {}
     for state in states:
         for key, value in state.items():
-            if _is_replicated(key, value) or key == SKIPPED or key.endswith(_ABSMAX):
+            if is_replicated(key, value) or key == SKIPPED or key.endswith(_ABSMAX):
                 continue
             if key.endswith(_CODES):
                 name = key[: -len(_CODES)]
@@ -93,7 +94,7 @@ def state_for_rows(optimizer, saved: list[dict]) -> dict:
         p = params[index]
         per_rank = [per_parameter_state(s)[index] for s in saved if index in per_parameter_state(s)]
         first, end = row_range(p)
-        mine = {k: v for k, v in per_rank[0].items() if _is_replicated(k, v)}
+        mine = {k: v for k, v in per_rank[0].items() if is_replicated(k, v)}
         block_size = block_of[id(p)]
         for key, rows in _pieces(per_rank).items():
             if key in SIGNED and isinstance(rows[0], tuple):  # an 8-bit moment
@@ -117,4 +118,4 @@ def _copy_levels(sd: dict) -> dict:
     return sd
 
 
-__all__ = ["state_for_rows"]
+__all__ = ["is_replicated", "state_for_rows"]

@@ -8,8 +8,10 @@ Layout: ``<output_dir>/checkpoints/step_00000040/`` holding
   rank writes its shard instead, ``optim_rank{r}.pt``, with the owner of every tensor
 - ``trainer.pt`` step, data position, scheduler, NaN-skip counter, resolved config
 - ``rng_rank{r}.pt`` every rank's RNG states (torch, CUDA, Python ``random``, NumPy) as tensors
+- ``dcp/`` (``dist.engine=fsdp``, instead of ``model.pt``) the model's and optimizer's shards,
+  written by ``torch.distributed.checkpoint``
 
-Every file loads with ``torch.load(weights_only=True)``. Next to them, ``manifest.json`` lists
+Every ``.pt`` file loads with ``torch.load(weights_only=True)``. Next to them, ``manifest.json`` lists
 every file with its size and SHA-256 (hashed from disk after the fsync); :func:`verify_checkpoint`
 re-hashes them, so a truncated, emptied or bit-flipped file is caught before it is loaded, and
 :func:`latest_good_checkpoint` falls back to the newest checkpoint that verifies (warning about
@@ -21,7 +23,10 @@ A checkpoint is written into
 files, so a crash mid-save leaves the previous checkpoints untouched; leftovers of an
 interrupted save are removed by the next save. With ZeRO >= 1 (partitioned optimizer state)
 the model and optimizer are written by the DeepSpeed engine in its own format under
-``deepspeed/`` in the same directory, inside the same atomic rename.
+``deepspeed/`` in the same directory, inside the same atomic rename. Under FSDP2 every rank
+writes its shards of the model and optimizer state with ``torch.distributed.checkpoint`` under
+``dcp/`` (see :mod:`.sharded_checkpoint`: tensors only; each rank's ``optim_rank{r}.pt`` keeps
+the rest), also inside the rename and listed in the manifest.
 """
 
 from __future__ import annotations
@@ -55,6 +60,7 @@ class NonFiniteState(ValueError):
 def first_non_finite(obj, prefix: str = "") -> str | None:
     """Name (dotted path) of the first floating tensor / float in ``obj`` with a NaN or Inf, else None."""
     if torch.is_tensor(obj):
+        obj = obj.to_local() if hasattr(obj, "to_local") else obj  # a DTensor: this rank's shard
         if (obj.is_floating_point() or obj.is_complex()) and not bool(torch.isfinite(obj).all()):
             return prefix or "tensor"
         return None
@@ -246,10 +252,13 @@ def _all_ok(ok: bool) -> bool:
 
 
 def save_checkpoint(root: str, step: int, *, rank: int, model_state=None, optim_state=None, trainer_state=None,
-                    engine=None, keep: int = 2, rank_files: dict | None = None) -> str:
+                    engine=None, keep: int = 2, rank_files: dict | None = None,
+                    sharded_state: dict | None = None) -> str:
     """Write checkpoint ``step`` atomically; every rank calls this. Returns the final directory.
 
     ``rank_files`` maps a name to this rank's object, written as ``{name}_rank{rank}.pt``.
+    ``sharded_state`` (FSDP2): a flat dict of tensors (DTensor shards included) every rank hands
+    ``torch.distributed.checkpoint.save`` into ``dcp/`` (see :mod:`.sharded_checkpoint`).
 
     Raises :class:`NonFiniteState` (on every rank, before anything is written) when a model /
     optimizer / rank-file tensor is NaN or Inf. Raises ``OSError`` (on every rank) when any rank
@@ -261,7 +270,7 @@ def save_checkpoint(root: str, step: int, *, rank: int, model_state=None, optim_
     tmp = os.path.join(root, f"tmp.step_{step:08d}")
     error: BaseException | None = None
     bad = (first_non_finite(model_state, "model") or first_non_finite(optim_state, "optimizer")
-           or first_non_finite(rank_files, f"rank {rank}"))
+           or first_non_finite(rank_files, f"rank {rank}") or first_non_finite(sharded_state, f"rank {rank}"))
     if not _all_ok(bad is None):
         raise NonFiniteState(f"step {step}: {bad or 'another rank'} holds non-finite values; refusing to write "
                              "it as a checkpoint")
@@ -279,6 +288,15 @@ def save_checkpoint(root: str, step: int, *, rank: int, model_state=None, optim_
     try:
         if engine is not None:  # ZeRO-partitioned state: the engine's format, every rank writes its part
             engine.save_checkpoint(os.path.join(tmp, "deepspeed"), tag="state", save_latest=False)
+        if sharded_state is not None:  # every rank writes its shards, DCP's coordinator the metadata
+            import torch.distributed.checkpoint as dcp
+
+            from .sharded_checkpoint import DCP_DIR
+
+            try:
+                dcp.save(sharded_state, checkpoint_id=os.path.join(tmp, DCP_DIR))
+            except Exception as e:  # DCP reports a failed write on any rank as CheckpointException, on every rank
+                raise OSError(f"torch.distributed.checkpoint could not write {tmp!r}: {e}") from e
         _save_file(rng_state(), os.path.join(tmp, f"rng_rank{rank}.pt"))
         for name, obj in (rank_files or {}).items():
             _save_file(obj, os.path.join(tmp, f"{name}_rank{rank}.pt"))

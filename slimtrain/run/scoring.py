@@ -3,7 +3,8 @@ scored on a task or written out, without training.
 
 A checkpoint directory (``<output_dir>/checkpoints/step_N``) carries its resolved config in
 ``trainer.pt``; the model is rebuilt from it (``model.name`` / ``model.gguf_file``) and its
-``model.pt`` tensors are loaded, INT8 Q-GaLore weights dequantized. Command-line overrides apply
+``model.pt`` tensors are loaded (an FSDP2 checkpoint's ``dcp/`` shards joined, a DeepSpeed ZeRO
+one's partitions consolidated), INT8 Q-GaLore weights dequantized. Command-line overrides apply
 on top of that config (e.g. ``data.eval_files=...`` to score another split).
 """
 
@@ -19,6 +20,7 @@ from .config import Config, ConfigError, apply_override, from_dict, to_dict
 from .data import build_tokenizer
 from .export import export_model, plain_state_dict
 from .model import build_model
+from .sharded_checkpoint import has_sharded_state, load_full_model
 from .tasks import build_task
 
 
@@ -37,9 +39,12 @@ def config_of_checkpoint(path: str, overrides: list[str] = ()) -> Config:
     return from_dict(data)
 
 
-def _checkpoint_weights(checkpoint: str) -> dict:
-    """The model tensors of a slimtrain checkpoint; a DeepSpeed ZeRO checkpoint (its ``deepspeed/``
-    partitions, no ``model.pt``) is consolidated by DeepSpeed's own ``zero_to_fp32``."""
+def _checkpoint_weights(checkpoint: str, model) -> dict:
+    """The model tensors of a slimtrain checkpoint; an FSDP2 one (``dcp/`` shards) is joined by
+    ``torch.distributed.checkpoint`` into ``model``'s layout, a DeepSpeed ZeRO one (its
+    ``deepspeed/`` partitions) by DeepSpeed's own ``zero_to_fp32``."""
+    if has_sharded_state(checkpoint):
+        return load_full_model(checkpoint, model.state_dict())
     if not os.path.isdir(os.path.join(checkpoint, "deepspeed")):
         return ckpt.load_file(checkpoint, "model.pt")
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -54,7 +59,7 @@ def load_model(cfg: Config, checkpoint: str | None = None):
     model = build_model(cfg.model, tokenizer.vocab_size, cfg.data.seq_len, tokenizer.bos_token_id,
                         tokenizer.eos_token_id)
     if checkpoint:
-        state = plain_state_dict(state=_checkpoint_weights(checkpoint))
+        state = plain_state_dict(state=_checkpoint_weights(checkpoint, model))
         model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in state.items()})
     model.eval()
     return model, tokenizer

@@ -45,7 +45,6 @@ import os
 import torch
 
 from ..optim.shards import local
-from ..optim.row_state import state_for_rows
 from ..optim.spec import OptimizerSpec, lowrank_step_of
 from ..parallel.comm import Comm
 from ..parallel.data_parallel import DataParallelOptimizer
@@ -481,96 +480,34 @@ class FSDPEngine(Engine):
         # each rank scores the whole eval set (no per-rank shares that could differ by a batch)
         return 0, 1
 
-    def _options(self):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions
-
-        return StateDictOptions(full_state_dict=True, cpu_offload=True)
-
     def export_state(self) -> dict | None:
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        return get_model_state_dict(self.model, options=self._options())
+        # the whole tensors, gathered shard by shard into rank 0's host memory
+        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
     def checkpoint_parts(self) -> dict:
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+        # every rank writes its own shards (torch.distributed.checkpoint): nothing is gathered
+        from ..run.sharded_checkpoint import sharded_state
 
-        # full (unsharded) tensors on rank 0, gathered by every rank: loadable at any world size
-        model = get_model_state_dict(self.model, options=self._options())
         if self.spec.zeroth_order:  # seeds and a generator, the same on every rank: no per-tensor state
-            optim = self.optimizer.state_dict()
-        elif self.spec.local_shard_state:  # plain tensors of each rank's shard (8-bit blocks): one file per rank
-            return {"model_state": model, "optim_state": None, "rank_files": {"optim": _local_tree(self.optimizer.state_dict())}}
-        else:
-            optim = get_optimizer_state_dict(self.model, self.optimizer, options=self._options())
-        return {"model_state": model, "optim_state": optim}
+            tensors, _ = sharded_state(self.model, None, self.dist.rank, row_state=False)
+            return {"sharded_state": tensors, "optim_state": self.optimizer.state_dict()}
+        tensors, skeleton = sharded_state(self.model, self.optimizer, self.dist.rank,
+                                          row_state=self.spec.local_shard_state)
+        return {"sharded_state": tensors, "rank_files": {"optim": skeleton}}
 
     def load(self, path: str, saved_cfg: dict) -> None:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, \
-            set_optimizer_state_dict
+        from ..run.sharded_checkpoint import has_sharded_state, load_sharded_state
 
-        if saved_cfg["dist"]["engine"] != "fsdp":
+        if saved_cfg["dist"]["engine"] != "fsdp" or not has_sharded_state(path):
             raise ConfigError(f"{path!r} was written by dist.engine={saved_cfg['dist']['engine']!r}; an FSDP2 run "
                               "resumes checkpoints of dist.engine=fsdp (at any world size)")
-        options = StateDictOptions(full_state_dict=True)
-        set_model_state_dict(self.model, ckpt.load_file(path, "model.pt"), options=options)
-        if self.spec.local_shard_state:
-            shards = ckpt.load_rank_files(path, "optim")
-            if len(shards) == self.dist.world:  # the same rows on every rank: bit-exact
-                mine = shards[self.dist.rank]
-            else:  # rows re-cut (8-bit moments re-blocked) for this world size
-                mine = state_for_rows(self.optimizer, shards)
-            self.optimizer.load_state_dict(_dtensor_tree(mine, self.optimizer))
-        elif self.spec.zeroth_order:
+        if self.spec.zeroth_order:
+            load_sharded_state(path, self.model, None, None, self.dist.rank)
             self.optimizer.load_state_dict(ckpt.load_file(path, "optim.pt"))
         else:
-            set_optimizer_state_dict(self.model, self.optimizer, ckpt.load_file(path, "optim.pt"), options=options)
-
-
-_DTENSOR_KEYS = "fsdp_dtensor_keys"
-
-
-def _local_tree(state_dict: dict) -> dict:
-    """An optimizer state_dict whose DTensor state (e.g. LISA's inner AdamW moments) is replaced
-    by this rank's local shard, plain tensors that ``torch.load(weights_only=True)`` reads; the
-    (param index, key) pairs that were DTensors are listed so a load can rebuild them."""
-    from ..optim.shards import is_sharded
-    from ..optim.spec import per_parameter_state
-
-    def copied(sd: dict) -> dict:  # new dicts down to each parameter's (the live state stays as it is)
-        sd = dict(sd)
-        if "state" in sd and "param_groups" in sd:
-            sd["state"] = {i: dict(st) for i, st in sd["state"].items()}
-        else:
-            sd["optimizer"] = copied(sd["optimizer"])
-        return sd
-
-    out = copied(state_dict)
-    marked = []
-    for index, st in per_parameter_state(out).items():
-        for key, value in st.items():
-            if is_sharded(value):
-                st[key] = local(value)
-                marked.append([index, key])
-    out[_DTENSOR_KEYS] = marked
-    return out
-
-
-def _dtensor_tree(saved: dict, optimizer) -> dict:
-    """The inverse of :func:`_local_tree` on this rank: the listed local shards become DTensors
-    laid out like their parameters again."""
-    from torch.distributed.tensor import DTensor
-
-    from ..optim.spec import per_parameter_state
-
-    saved = dict(saved)
-    marked = saved.pop(_DTENSOR_KEYS, [])
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    state = per_parameter_state(saved)
-    for index, key in marked:
-        p = params[index]
-        state[index][key] = DTensor.from_local(state[index][key], p.device_mesh, p.placements, shape=p.shape,
-                                               stride=p.stride())
-    return saved
+            load_sharded_state(path, self.model, self.optimizer, ckpt.load_rank_files(path, "optim"), self.dist.rank)
 
 
 def _refuse_fsdp_checkpoint(path: str, saved_cfg: dict) -> None:

@@ -150,7 +150,7 @@ def test_sharded_checkpoint_resumes_exactly_and_at_other_world_sizes(root, singl
             torch.load(os.path.join(ckpt, f), weights_only=True)
     saved = shutil.copytree(ckpt, os.path.join(root, "ckpt_saved"))
 
-    same = run_ranks(_run_jobs, 2, root, [("resume2", extra, saved)])
+    run_ranks(_run_jobs, 2, root, [("resume2", extra, saved)])
     assert losses(os.path.join(root, "resume2_w2"))[-4:] == full_curve[-4:]  # bit-exact at the same N
 
     one = _run_jobs(0, 1, root, [("resume1", extra, saved)])

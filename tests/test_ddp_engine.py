@@ -30,6 +30,8 @@ JOBS = {
     "galore8bit": {"optim.name": "galore_adamw8bit", "optim.args": GALORE_ARGS},
     "galore_accum": {"optim.name": "galore_adamw", "optim.args": GALORE_ARGS, "train.grad_accum": 2},
     "apollo": {"optim.name": "apollo_adamw", "optim.args": GALORE_ARGS},
+    # one layer trains per period of 3 steps: DDP is re-wrapped over the new set at steps 3 and 6
+    "lisa": {"optim.name": "lisa", "optim.args": "{n_active: 1, interval: 3}"},
     "adafactor": {"optim.name": "galore_adafactor", "optim.lr": 3e-2,
                   "optim.args": f"{{rank: 8, update_proj_gap: {GAP}, relative_step: false, beta1: 0.9}}"},
 }
@@ -54,8 +56,13 @@ def _run_jobs(rank, world, root, engine, jobs, resume=None, tag=""):
             sizes = None
             if low is not None:  # (full, projected) numel of every projected matrix
                 sizes = [(p.numel(), low.project_grad(p, torch.zeros_like(p)).numel()) for p, _ in low.lowrank_params()]
+            ddp = getattr(trainer.engine, "ddp", None)
             out[name] = {
                 "engine": trainer.engine.name,
+                # bytes in DDP's gradient buckets (its own logging data) vs the tensors that train now
+                "synced": ddp._get_ddp_logging_data()["total_parameter_size_bytes"] if ddp is not None else None,
+                "trained": sum(p.numel() * p.element_size() for p in trainer.model.parameters() if p.requires_grad),
+                "all": sum(p.numel() * p.element_size() for p in trainer.model.parameters()),
                 "losses": losses(cfg.output_dir) if rank == 0 else None,
                 "weights": torch.cat([p.detach().float().reshape(-1) for p in trainer.model.parameters()]),
                 "bytes": (hook.bytes, hook.projected_bytes) if hook is not None else None,
@@ -112,7 +119,6 @@ def test_ddp_hook_sends_projected_gradients_between_refreshes(name, two):
 
 def test_ddp_refuses_what_it_cannot_carry(root):
     from slimtrain.run.config import ConfigError, load_config
-    from slimtrain.run.model import build_model  # noqa: F401  (the config is checked before any model)
     from slimtrain.optim.registry import optimizer_spec
     from slimtrain.trainer.engines import check_combination
 
@@ -121,8 +127,6 @@ def test_ddp_refuses_what_it_cannot_carry(root):
         args = cfg.optim.args or {}
         check_combination(cfg, optimizer_spec(cfg.optim.name, **args), say=lambda *_: None)
 
-    with pytest.raises(ConfigError, match="dist.engine=torch"):
-        check(**{"optim.name": "lisa"})
     with pytest.raises(ConfigError, match="INT8"):
         check(**{"optim.name": "qgalore_adamw8bit"})
     with pytest.raises(ConfigError, match="zero_stage=2"):
@@ -130,13 +134,22 @@ def test_ddp_refuses_what_it_cannot_carry(root):
     with pytest.raises(ConfigError, match="layer-wise"):
         check(**{"optim.name": "galore_adamw", "optim.args": "{rank: 8, layerwise: true}"})
     check(**{"optim.name": "galore_adamw"})  # accepted
+    check(**{"optim.name": "lisa"})  # re-wrapped when its trained set changes
+
+
+@pytest.mark.distributed
+def test_ddp_lisa_buckets_only_the_layers_that_train(two):
+    lisa = two[0]["lisa"]
+    assert lisa["engine"] == "ddp"
+    # after the last switch DDP's buckets hold the trained tensors only: frozen layers send nothing
+    assert lisa["synced"] == lisa["trained"] < 0.8 * lisa["all"], lisa
 
 
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_ddp_four_ranks_match_one_process(root, single):
-    four = run_ranks(_run_jobs, 4, root, "ddp", ["galore", "adamw8bit"])
-    for name in ("galore", "adamw8bit"):
+    four = run_ranks(_run_jobs, 4, root, "ddp", ["galore", "adamw8bit", "lisa"])
+    for name in ("galore", "adamw8bit", "lisa"):
         assert four[0][name]["engine"] == "ddp"
         curve, ref = four[0][name]["losses"], single[name]["losses"]
         assert max(abs(a - b) for a, b in zip(curve, ref)) < TOL, (name, curve, ref)

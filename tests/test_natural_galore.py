@@ -3,7 +3,6 @@ dense-solve reference loop, exact resume, off == plain GaLore, the other GaLore 
 
 from __future__ import annotations
 
-import copy
 import io
 
 import pytest

@@ -12,7 +12,6 @@ from __future__ import annotations
 import ast
 import pathlib
 
-import pytest
 
 TESTS = pathlib.Path(__file__).parent
 HELPER_MODULES = ("helpers.py", "trainer_setup.py")

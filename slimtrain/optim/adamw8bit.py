@@ -223,7 +223,6 @@ class AdamW8bit(LayerwiseUpdates, Optimizer):
                 continue
             if p.grad.is_sparse:
                 raise RuntimeError("AdamW8bit does not support sparse gradients")
-            state = self.state[p]
             self._init_state(p, group)
             (quant if has_8bit_moments(self.state[p]) else full).append(p)
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import copy
 import os
 
-import torch
 from torch import nn
 
 from .. import kernels

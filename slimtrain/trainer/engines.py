@@ -9,8 +9,8 @@ Engines (``choose_engine``):
 - ``layerwise`` (spec ``layerwise``): each tensor is updated inside backward; under data
   parallelism its gradient is averaged in the hook first (``optimizer.grad_reducer``).
 - ``data_parallel`` (``dist.engine=torch``): at ``dist.zero_stage`` 0 with more than one rank,
-  torch's DDP below whenever it can carry the optimizer (:func:`ddp_carries`); otherwise (LISA,
-  Q-GaLore, whole-tensor ZeRO-1/2 at stages 1/2, one rank)
+  torch's DDP below whenever it can carry the optimizer (:func:`ddp_carries`); otherwise (Q-GaLore,
+  whole-tensor ZeRO-1/2 at stages 1/2, one rank)
   :class:`slimtrain.parallel.DataParallelOptimizer` averages gradients after the last
   micro-batch (projected for optimizers with ``lowrank_grads``), clips, and shards state by whole
   tensors at stages 1/2: the sharding FSDP2 cannot give optimizers that need whole matrices on
@@ -23,8 +23,9 @@ Engines (``choose_engine``):
 - ``fsdp`` (``dist.engine=fsdp``): FSDP2 ``fully_shard`` on each decoder layer and the root
   (:func:`slimtrain.parallel.fsdp.shard_model`, applied before the optimizer is built): weights,
   gradients and optimizer state are ``DTensor`` shards. Only optimizers whose spec declares
-  ``dtensor_params`` run there; checkpoints are full (unsharded) state dicts gathered with
-  ``torch.distributed.checkpoint.state_dict``, so they load at any world size.
+  ``dtensor_params`` run there; checkpoints are sharded (every rank writes its shards with
+  ``torch.distributed.checkpoint``, see :mod:`slimtrain.run.sharded_checkpoint`) and load at any
+  world size.
 - ``deepspeed`` (``dist.engine=deepspeed``): a DeepSpeed engine wraps model and optimizer. ZeRO
   flattens parameters into 1-D partitions, which an optimizer with ``whole_matrices`` cannot use,
   so at stages 1/2 those take ``data_parallel`` (DeepSpeed still launches and forms the process
@@ -38,6 +39,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import gc
 import json
 import math
 import os
@@ -72,10 +74,10 @@ def choose_engine(cfg: Config, spec: OptimizerSpec) -> str:
 
 
 def ddp_carries(spec: OptimizerSpec) -> bool:
-    """Whether DDP can average this optimizer's gradients: not when the trained set changes
-    between steps (LISA: DDP registers its hooks once) or gradients live outside parameters
-    (Q-GaLore's INT8 weights)."""
-    return not (spec.changes_trainable or spec.external_grads or spec.zeroth_order or spec.layerwise)
+    """Whether DDP can average this optimizer's gradients: not when gradients live outside
+    parameters (Q-GaLore's INT8 weights). A trained set that changes between steps (LISA) is
+    carried by re-wrapping the model when it changes (see :class:`DDPEngine`)."""
+    return not (spec.external_grads or spec.zeroth_order or spec.layerwise)
 
 
 def routes_around_zero(cfg: Config, spec: OptimizerSpec) -> bool:
@@ -122,10 +124,6 @@ def check_combination(cfg: Config, spec: OptimizerSpec, say) -> None:
             raise ConfigError(f"dist.engine='ddp' with dist.zero_stage={stage}: DDP replicates optimizer state; "
                               f"use dist.engine=torch dist.zero_stage={stage} (slimtrain's whole-tensor sharding) "
                               "or dist.engine=deepspeed for a shape-independent optimizer")
-        if spec.changes_trainable:
-            raise ConfigError(f"dist.engine='ddp' with optim.name={name!r}: it switches which layers train every "
-                              "period, and DDP registers its gradient hooks once; use dist.engine=torch "
-                              "(frozen layers send nothing there)")
         if spec.external_grads:
             raise ConfigError(f"dist.engine='ddp' with optim.name={name!r}: its INT8 weights' gradients live outside "
                               "torch's parameters, where DDP does not reduce them; use dist.engine=torch")
@@ -316,27 +314,47 @@ class DDPEngine(Engine):
     GaLore matrices by :func:`~slimtrain.parallel.ddp_hooks.lowrank_allreduce_hook`. After backward:
     projector refreshes (computed on rank 0 from the averaged full gradient and broadcast, so every
     rank holds the same projector), the finite check, clipping of what the optimizer will apply
-    (projected gradients for GaLore matrices, as ``dist.engine=torch``), and the step."""
+    (projected gradients for GaLore matrices, as ``dist.engine=torch``), and the step.
+
+    DDP builds its gradient buckets once, from the parameters that require gradients. An
+    optimizer that changes the trained set (spec ``changes_trainable``: LISA every period) gets a
+    new DDP wrapper over the same module when the set changes, before the next forward: frozen
+    layers are in no bucket and send nothing. The re-wrap skips DDP's initial broadcast
+    (``init_sync=False``): every rank applied the same averaged updates, so the weights agree."""
 
     name = "ddp"
 
     def __init__(self, model, optimizer, spec, dist, lowrank_sync: bool):
         super().__init__(model, optimizer, spec, dist)
-        from torch.nn.parallel import DistributedDataParallel
-
-        device_ids = [dist.device.index] if dist.device.type == "cuda" else None
-        self.ddp = DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True)
         self.lowrank = lowrank_step_of(optimizer) if lowrank_sync else None
         self.hook = LowRankHookState(self.lowrank) if self.lowrank is not None else None
+        self.comm = Comm()
+        self.ddp, self._trained = None, None
+        self._wrap(init_sync=True)
+
+    def _trained_set(self) -> tuple[bool, ...]:
+        return tuple(p.requires_grad for p in self.model.parameters())
+
+    def _wrap(self, init_sync: bool) -> None:
+        from torch.nn.parallel import DistributedDataParallel
+
+        if self.ddp is not None:  # its reducer (and the autograd hooks it registered) goes with it
+            self.ddp = None
+            gc.collect()
+        device_ids = [self.dist.device.index] if self.dist.device.type == "cuda" else None
+        self.ddp = DistributedDataParallel(self.model, device_ids=device_ids, gradient_as_bucket_view=True,
+                                           init_sync=init_sync)
         if self.hook is not None:
             self.ddp.register_comm_hook(self.hook, lowrank_allreduce_hook)
-        self.comm = Comm()
+        self._trained = self._trained_set()
 
     @property
     def module(self):
         return self.ddp
 
     def before_forward(self, last: bool) -> None:
+        if self.spec.changes_trainable and self._trained_set() != self._trained:
+            self._wrap(init_sync=False)
         self.ddp.require_backward_grad_sync = last  # what no_sync() toggles: only the last micro-batch syncs
 
     def _params(self) -> list[torch.Tensor]:

@@ -227,3 +227,14 @@ def test_cli_resume_flag_does_not_swallow_an_override(tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert "no checkpoint" in err and str(tmp_path / "fresh" / "checkpoints") in err
+
+
+def test_cli_takes_overrides_on_both_sides_of_an_option(tmp_path):
+    # argparse stops a nargs="*" positional at the first option; `a=1 --config f.yaml b=2` must
+    # still apply b=2 (it used to exit with "unrecognized arguments")
+    from slimtrain.launch.cli import parse_args
+    args = parse_args(["train", "train.steps=3", "--config", "c.yaml", "train.batch_size=2", "--overwrite", "seed=1"])
+    assert args.config == "c.yaml" and args.overwrite
+    assert args.overrides == ["train.steps=3", "train.batch_size=2", "seed=1"]
+    with pytest.raises(SystemExit):
+        parse_args(["train", "--config", "c.yaml", "--no-such-flag"])

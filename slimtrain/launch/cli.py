@@ -197,16 +197,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The command line as a Namespace (``command`` is None when none was given)."""
     # `deepspeed --module slimtrain train` puts --local_rank before the subcommand; move it behind.
     lead = [a for a in argv[:1] if a.startswith("--local")]
     if lead and len(argv) > 1 and not argv[1].startswith("-") and "=" not in lead[0]:
         lead.append(argv[1])
     argv = argv[len(lead):] if lead else argv
     parser = build_parser()
-    args = parser.parse_args(argv[:1] + lead + argv[1:] if lead else argv)
+    args, rest = parser.parse_known_args(argv[:1] + lead + argv[1:] if lead else argv)
+    # argparse ends a nargs="*" positional at the first option, so `train a=1 --config f.yaml b=2`
+    # leaves `b=2` over; overrides are order-free, so take them wherever they stand
+    late = [a for a in rest if "=" in a and not a.startswith("-")]
+    if late and hasattr(args, "overrides"):
+        args.overrides = list(args.overrides or []) + late
+        rest = [a for a in rest if a not in late]
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.print_help = parser.print_help
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(list(sys.argv[1:] if argv is None else argv))
     if args.command is None:
-        parser.print_help()
+        args.print_help()
         return 2
     return COMMANDS[args.command][2](args)

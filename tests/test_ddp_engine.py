@@ -175,3 +175,11 @@ def test_ddp_checkpoint_resumes_exactly_and_at_other_world_sizes(root, two):
     run_ranks(_run_jobs, 4, root, "ddp", ["galore"], saved, "_resumed")
     curve = losses(os.path.join(root, "galore_ddp_w4_resumed"))
     assert len(curve) == 4 and max(abs(a - b) for a, b in zip(curve, full[-4:])) < TOL, (curve, full)
+
+    # LISA: the resumed run re-wraps DDP over the layers the checkpoint says are training (the
+    # engine wrapped the freshly built optimizer's set first)
+    lisa = shutil.copytree(os.path.join(root, "lisa_ddp_w2", "checkpoints", "step_00000004"),
+                           os.path.join(root, "lisa_saved4"))
+    resumed = run_ranks(_run_jobs, 2, root, "ddp", ["lisa"], lisa, "_resumed")
+    assert losses(os.path.join(root, "lisa_ddp_w2_resumed"))[-4:] == two[0]["lisa"]["losses"][-4:]
+    assert resumed[0]["lisa"]["synced"] == resumed[0]["lisa"]["trained"]

@@ -84,9 +84,10 @@ def test_torchrun_ddp_galore_matches_one_rank(workdir, reference):
     _assert_close(losses(str(workdir / "ddp")), reference)
 
 
-def _fsdp_two_ranks_match_one(workdir, tag: str, optim: dict, ref_engine: list[str]) -> None:
-    """``torchrun --nproc_per_node 2 -m slimtrain train engine=fsdp`` with ``optim`` follows the
-    one-process run (``ref_engine``: its extra arguments)."""
+def _fsdp_two_ranks_and_one(workdir, tag: str, optim: dict, ref_engine: list[str]) -> tuple[str, list, list]:
+    """``torchrun --nproc_per_node 2 -m slimtrain train engine=fsdp`` with ``optim``, and the
+    one-process run (``ref_engine``: its extra arguments): (torchrun's output, its loss curve,
+    the one-process curve)."""
     ref = run_cli(tiny_overrides(workdir, str(workdir / f"{tag}_ref"), **optim) + ref_engine, str(workdir))
     assert ref.returncode == 0, ref.stderr[-3000:]
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
@@ -94,8 +95,7 @@ def _fsdp_two_ranks_match_one(workdir, tag: str, optim: dict, ref_engine: list[s
     args = tiny_overrides(workdir, str(workdir / f"{tag}_fsdp"), **{**optim, "train.batch_size": 2})
     result = run_cli(args + ["engine=fsdp"], str(workdir), launcher=launcher)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "2 rank(s), engine fsdp (fsdp)" in result.stdout + result.stderr
-    _assert_close(losses(str(workdir / f"{tag}_fsdp")), losses(str(workdir / f"{tag}_ref")))
+    return result.stdout + result.stderr, losses(str(workdir / f"{tag}_fsdp")), losses(str(workdir / f"{tag}_ref"))
 
 
 @pytest.mark.slow
@@ -103,8 +103,10 @@ def _fsdp_two_ranks_match_one(workdir, tag: str, optim: dict, ref_engine: list[s
 def test_torchrun_fsdp_adamw8bit_matches_one_rank(workdir):
     # FSDP2 through the command line: 8-bit AdamW on each rank's rows (blocks of one row), against
     # the default engine on one process
-    _fsdp_two_ranks_match_one(workdir, "a8", {"optim.name": "adamw8bit",
-                                              "optim.args": "{block_size: 32, min_8bit_size: 1024}"}, [])
+    out, curve, ref = _fsdp_two_ranks_and_one(workdir, "a8", {"optim.name": "adamw8bit",
+                                                             "optim.args": "{block_size: 32, min_8bit_size: 1024}"}, [])
+    assert "2 rank(s), engine fsdp (fsdp)" in out
+    _assert_close(curve, ref)
 
 
 @pytest.mark.slow
@@ -112,7 +114,9 @@ def test_torchrun_fsdp_adamw8bit_matches_one_rank(workdir):
 def test_torchrun_fsdp_galore_matches_one_process(workdir):
     # the issue's command with GaLore's defaults: torchrun --nproc_per_node 2 -m slimtrain train
     # dist.engine=fsdp optim=galore_adamw; the one-process run is the same command without torchrun
-    _fsdp_two_ranks_match_one(workdir, "g", {"optim.name": "galore_adamw"}, ["engine=fsdp"])
+    out, curve, ref = _fsdp_two_ranks_and_one(workdir, "g", {"optim.name": "galore_adamw"}, ["engine=fsdp"])
+    assert "2 rank(s), engine fsdp (fsdp)" in out
+    _assert_close(curve, ref)
 
 
 @pytest.mark.slow

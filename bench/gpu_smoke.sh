@@ -45,5 +45,7 @@ run torch_galore_layerwise dist.engine=torch optim.name=galore_adamw8bit optim.a
 run fsdp_galore_layerwise dist.engine=fsdp optim.name=galore_adamw optim.args="{layerwise: true}" train.max_grad_norm=0
 run fsdp_bf16 dist.engine=fsdp optim.name=galore_adamw8bit train.bf16=true
 run ddp_galore dist.engine=ddp optim.name=galore_adamw
-DS_ACCELERATOR=${DS_ACCELERATOR:-cuda} run deepspeed_adamw dist.engine=deepspeed optim.name=adamw dist.zero_stage=2
+# DeepSpeed picks its accelerator from DS_ACCELERATOR: cuda here, cpu when checking the script on CPU
+accel=$(python -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
+DS_ACCELERATOR=${DS_ACCELERATOR:-$accel} run deepspeed_adamw dist.engine=deepspeed optim.name=adamw dist.zero_stage=2
 exit $status
